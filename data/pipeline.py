@@ -1,0 +1,285 @@
+"""grain pipelines: TFDS or local text -> tokens -> packed rows of seq_len -> batches.
+
+Every batch is a dict of int32 numpy arrays of shape [rows, seq_len]:
+  inputs       token ids; each document is [bos] + ids + [eos]
+  segment_ids  1, 2, ... for the documents packed into a row; 0 marks padding
+  positions    position within the document, restarting at 0 for each one
+A document longer than seq_len is cut into chunks of seq_len, each packed as a document of
+its own, so no token is lost. Models mask attention across segments and restart position
+embeddings with `positions`.
+
+  cfg = DataConfig(**config.data)
+  tok = load_tokenizer(cfg)
+  it = train_iterator(cfg, tok, shard_index=jax.process_index(),
+                      shard_count=jax.process_count())
+  batch = next(it)   # it.get_state() / it.set_state(): see save_state / restore_state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+import sys
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data import text_files
+from data import tokenizer as tokenizer_lib
+from data.tokenizer import Tokenizer
+
+Batch = dict[str, np.ndarray]
+FEATURES = ('inputs', 'segment_ids', 'positions')
+# Packed rows are shuffled in windows of this many rows: a long document (a Bible chapter
+# is ~1000 tokens) fills many consecutive rows, which would otherwise share a batch.
+# 0 or 1 turns the window off (tests do, to see the packed stream in order).
+SHUFFLE_WINDOW_ROWS = 1024
+# At most this many training records are read to train a tokenizer.
+TOKENIZER_RECORDS = 200_000
+PREPARE_HINT = 'Prepare it with `make data` or `python -m data.prepare --data_dir=DIR`.'
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The `data` block of a config (see configs/gpt.py for what each field means)."""
+  name: str = 'bible/en'
+  text_key: str = 'text'
+  files: str = ''
+  data_dir: str = ''
+  tokenizer: str = 'bpe'
+  vocab_size: int = 512
+  seq_len: int = 32
+  batch_size: int = 8
+  seed: int = 0
+
+
+def data_dir(cfg: DataConfig) -> pathlib.Path:
+  """cfg.data_dir, else $CONTEXTUAL_DATA_DIR, else ./.data."""
+  return pathlib.Path(cfg.data_dir or os.environ.get('CONTEXTUAL_DATA_DIR') or '.data')
+
+
+def dataset_slug(cfg: DataConfig) -> str:
+  """A file-name-safe name of the dataset and text feature, e.g. 'bible_en_es-en'."""
+  base = text_files.slug(cfg.files) if cfg.files else cfg.name.replace('/', '_')
+  base = base.replace(':', '-')
+  return base if cfg.text_key == 'text' else f'{base}-{cfg.text_key}'
+
+
+def data_source(cfg: DataConfig, split: str):
+  """A random-access source of one split: the user's files or a prepared TFDS dataset."""
+  if cfg.files:
+    builder = text_files.builder(cfg.files, data_dir(cfg))
+    builder.download_and_prepare()
+    if split not in builder.info.splits:
+      raise ValueError(f'{cfg.files}: split {split!r} is empty (the corpus is too small to '
+                       'hold out lines for it); add a file for it, e.g. test.txt')
+    source = builder.as_data_source(split=split)
+  else:
+    import data.bible  # pylint: disable=g-import-not-at-top,unused-import  (registers `bible`)
+    try:
+      tfds.builder_cls(cfg.name.split('/')[0].split(':')[0])
+    except tfds.core.DatasetNotFoundError:
+      raise ValueError(f'unknown dataset {cfg.name!r}: neither ours (bible/en, bible/en_es, '
+                       'bible/kjv_web) nor in the TFDS catalog; for your own text files '
+                       'set data.files instead') from None
+    try:
+      source = tfds.data_source(cfg.name, split=split, data_dir=os.fspath(data_dir(cfg)),
+                                download=False)
+    except Exception as e:  # TFDS raises several kinds for 'not prepared'
+      raise FileNotFoundError(f'dataset {cfg.name!r} (split {split!r}) is not prepared in '
+                              f'{data_dir(cfg)}: {e}\n{PREPARE_HINT} Catalog datasets: '
+                              f'tfds.builder({cfg.name!r}, data_dir=DIR, file_format='
+                              "'array_record').download_and_prepare().") from e
+  if len(source) and cfg.text_key not in source[0]:
+    raise KeyError(f'dataset {cfg.files or cfg.name!r} has no feature {cfg.text_key!r}; '
+                   f'text_key must be one of {sorted(source[0])}')
+  return source
+
+
+def _text(record: dict, key: str) -> str:
+  value = record[key]
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def load_tokenizer(cfg: DataConfig) -> Tokenizer:
+  """The tokenizer of cfg, trained on the training split and cached on first use."""
+  path = (data_dir(cfg) / 'tokenizers' /
+          f'{dataset_slug(cfg)}_{cfg.tokenizer}_{cfg.vocab_size}.model')
+
+  def texts():
+    # SentencePiece samples _INPUT_SENTENCE_SIZE lines anyway; reading a catalog corpus of
+    # millions of records one by one would take far longer than training, so take an
+    # evenly spaced subset of at most TOKENIZER_RECORDS.
+    source = data_source(cfg, 'train')
+    step = max(1, len(source) // TOKENIZER_RECORDS)
+    return (_text(source[i], cfg.text_key) for i in range(0, len(source), step))
+
+  return tokenizer_lib.get_or_train(path, texts, model_type=cfg.tokenizer,
+                                    vocab_size=cfg.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Transformations (small classes so that grain can name them and pickle them).
+
+class _Tokenize(grain.transforms.Map):
+  """record -> [bos] + ids + [eos] as int32."""
+
+  def __init__(self, tokenizer: Tokenizer, key: str):
+    self._tokenizer, self._key = tokenizer, key
+
+  def map(self, record):
+    ids = self._tokenizer.encode(_text(record, self._key))
+    t = self._tokenizer
+    return np.asarray([t.bos_id, *ids, t.eos_id], dtype=np.int32)
+
+
+class _Chunk(grain.experimental.FlatMapTransform):
+  """tokens -> [{'inputs': chunk}, ...], chunks of at most seq_len (the last may be short)."""
+
+  def __init__(self, seq_len: int):
+    self._seq_len = seq_len
+    self.max_fan_out = 1 << 20  # only consulted by the MapDataset flavour; documents vary
+
+  def flat_map(self, tokens):
+    return [{'inputs': tokens[i:i + self._seq_len]}
+            for i in range(0, len(tokens), self._seq_len)]
+
+
+def _rename(packed: dict) -> Batch:
+  return {'inputs': packed['inputs'].astype(np.int32),
+          'segment_ids': packed['inputs_segment_ids'].astype(np.int32),
+          'positions': packed['inputs_positions'].astype(np.int32)}
+
+
+def _packed_rows(ds: grain.MapDataset, tokenizer: Tokenizer, cfg: DataConfig,
+                 bins: int) -> grain.IterDataset:
+  """records -> packed rows of seq_len (dicts of FEATURES)."""
+  # Synchronous reads: grain's default 16 prefetch threads thrash a 2-core machine, and
+  # reading array_record is cheap next to tokenizing, which holds the GIL anyway.
+  ds = ds.map(_Tokenize(tokenizer, cfg.text_key)).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  ds = grain.experimental.FlatMapIterDataset(ds, _Chunk(cfg.seq_len))
+  # First fit over `bins` open rows: a chunk goes to the first row with room; when one
+  # fits nowhere, the rows are emitted. One batch worth of bins keeps padding low while
+  # the rows of a batch stay close to the order of the (shuffled) records.
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={'inputs': cfg.seq_len}, num_packing_bins=bins,
+      shuffle_bins=False)
+  return ds.map(_rename)
+
+
+class _EpochShuffle(grain.MapDataset):
+  """Endless epochs of the parent, each in its own permutation drawn from (seed, epoch).
+
+  grain's `shuffle().repeat()` does the same with a memory-free index shuffle, but that
+  costs milliseconds per element on datasets of a few dozen records; a numpy
+  permutation costs 4 bytes per record (120 MB for lm1b's 30M sentences) and nothing per
+  element.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, seed: int):
+    super().__init__(parent)
+    self._seed = seed
+    self._permutation = functools.lru_cache(maxsize=2)(self._make_permutation)
+
+  def _make_permutation(self, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([self._seed, epoch])
+    return rng.permutation(len(self._parent)).astype(np.int64)
+
+  def __len__(self) -> int:
+    return sys.maxsize  # endless; the iterator's state holds the position
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, i = divmod(index, len(self._parent))
+    return self._parent[int(self._permutation(epoch)[i])]
+
+  def __str__(self) -> str:
+    return f'EpochShuffle(seed={self._seed})'
+
+
+def _rows_per_shard(cfg: DataConfig, shard_count: int) -> int:
+  if shard_count < 1 or cfg.batch_size % shard_count:
+    raise ValueError(f'batch_size={cfg.batch_size} is not divisible by the '
+                     f'{shard_count} data shards (hosts)')
+  return cfg.batch_size // shard_count
+
+
+def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int = 0,
+                   shard_count: int = 1) -> grain.DatasetIterator:
+  """Endless batches of batch_size // shard_count rows from this shard's training records.
+
+  Records are split between shards before shuffling (record i goes to shard
+  i % shard_count), then shuffled with cfg.seed, reshuffled each epoch, and the packed
+  rows shuffled again in windows of SHUFFLE_WINDOW_ROWS. The iterator's
+  get_state()/set_state() capture the position; checkpoint them with save_state.
+  """
+  rows = _rows_per_shard(cfg, shard_count)
+  ds = grain.MapDataset.source(data_source(cfg, 'train'))
+  ds = ds[shard_index::shard_count]
+  if len(ds) == 0:
+    raise ValueError(f'shard {shard_index} of {shard_count} holds no training records')
+  ds = _packed_rows(_EpochShuffle(ds, seed=cfg.seed), tokenizer, cfg, bins=rows)
+  if SHUFFLE_WINDOW_ROWS > 1:
+    ds = grain.experimental.WindowShuffleIterDataset(
+        ds, window_size=SHUFFLE_WINDOW_ROWS, seed=cfg.seed)
+  return iter(ds.batch(rows, drop_remainder=True))
+
+
+class EvalBatches:
+  """One deterministic pass over a split, re-iterable; yields batches of a fixed shape.
+
+  Every shard packs the whole split into global batches of batch_size rows and keeps its
+  own slice of rows, so all hosts see the same number of batches (a multi-host eval step
+  needs every host to call it equally often). The last batch is padded with all-zero rows.
+  """
+
+  def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, split: str, *,
+               shard_index: int = 0, shard_count: int = 1, max_batches: int = 0):
+    self._cfg, self._tokenizer, self._split = cfg, tokenizer, split
+    self._rows = _rows_per_shard(cfg, shard_count)
+    self._first_row = shard_index * self._rows
+    self._max_batches = max_batches
+    self._source = data_source(cfg, split)
+
+  def __iter__(self) -> Iterator[Batch]:
+    cfg = self._cfg
+    ds = _packed_rows(grain.MapDataset.source(self._source), self._tokenizer, cfg,
+                      bins=cfg.batch_size)
+    for count, batch in enumerate(ds.batch(cfg.batch_size, drop_remainder=False)):
+      if self._max_batches and count >= self._max_batches:
+        return
+      yield {k: _pad_rows(batch[k], cfg.batch_size)[self._first_row:
+                                                    self._first_row + self._rows]
+             for k in FEATURES}
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  return np.pad(x, ((0, rows - x.shape[0]), (0, 0))) if x.shape[0] < rows else x
+
+
+def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, shard_index: int = 0,
+                 shard_count: int = 1, max_batches: int = 0) -> EvalBatches:
+  """The batches of one pass over `split` ('validation' or 'test'); max_batches=0: all."""
+  return EvalBatches(cfg, tokenizer, split, shard_index=shard_index,
+                     shard_count=shard_count, max_batches=max_batches)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpointing the iterator's position with Orbax.
+
+def checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False):
+  """The Orbax args that save (or restore into) `iterator`, for a Composite checkpoint:
+
+    manager.save(step, args=ocp.args.Composite(state=..., data=checkpoint_args(it)))
+    manager.restore(step, args=ocp.args.Composite(
+        state=..., data=checkpoint_args(it, restore=True)))
+  """
+  import grain.checkpoint  # pylint: disable=g-import-not-at-top  (pulls in Orbax)
+  return (grain.checkpoint.CheckpointRestore(iterator) if restore
+          else grain.checkpoint.CheckpointSave(iterator))

@@ -1,0 +1,157 @@
+"""Evaluates the checkpoints of a training run, or generates text from one.
+
+  python eval.py --workdir=DIR                    # latest checkpoint: validation and test
+  python eval.py --workdir=DIR --step=400         # a given step
+  python eval.py --workdir=DIR --watch            # each new checkpoint, until the final one
+  python eval.py --workdir=DIR --prompt="In the beginning" --sampling=greedy,top_p
+
+The config comes from the workdir (`config.json`, written by train.py). Checkpoints are
+restored onto whatever devices are present: the mesh becomes data-parallel over all of them.
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+
+from models import decoding
+from training import baselines
+from training import checkpoint
+from training import loop
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s workdir.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate; default the latest.')
+_SPLITS = flags.DEFINE_list('splits', ['validation', 'test'], 'Splits to evaluate.')
+_WATCH = flags.DEFINE_bool('watch', False, 'Evaluate each new checkpoint until the final step.')
+_POLL = flags.DEFINE_float('poll_seconds', 5.0, 'How often --watch looks for checkpoints.')
+_TIMEOUT = flags.DEFINE_float('timeout_seconds', 24 * 3600.0,
+                              '--watch gives up after this long without a new checkpoint.')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'Generate continuations of these prompts.')
+_SAMPLING = flags.DEFINE_list('sampling', ['greedy'],
+                              f'Samplers for --prompt: {sorted(decoding.SAMPLERS)}.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature.')
+_TOP_K = flags.DEFINE_integer('top_k', 40, 'k of top-k sampling.')
+_TOP_P = flags.DEFINE_float('top_p', 0.9, 'p of nucleus sampling.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 40, 'Tokens to generate per prompt.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_UNIGRAM = flags.DEFINE_bool('unigram_baseline', False,
+                             'Also report the perplexity of a unigram model of the same tokens.')
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is --workdir={workdir} a train.py workdir?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+class Evaluator:
+  """Restores checkpoints of one run and evaluates them with the run's own eval code."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.config = load_config(workdir)
+    data_only = [-1] + [1] * (len(self.config.mesh.axes) - 1)
+    self.exp = loop.build(self.config, mesh_shape=data_only)
+    self.abstract, self.shardings = self.exp.abstract_state()
+    self.mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), async_save=False)
+    self.step_fn = loop.eval_fn(self.exp, self.shardings)
+    self._batches = {}
+
+  def restore(self, step: int):
+    return checkpoint.restore(self.mngr, step, self.abstract, self.shardings)
+
+  def batches(self, split: str):
+    if split not in self._batches:
+      self._batches[split] = loop.eval_split(self.exp, split)
+    return self._batches[split]
+
+  def evaluate(self, step: int, splits=('validation', 'test')) -> dict[str, dict[str, float]]:
+    state = self.restore(step)
+    with self.exp.mesh:
+      results = {split: loop.evaluate(self.exp, state.params, self.batches(split), self.step_fn)
+                 for split in splits}
+    out_dir = os.path.join(self.workdir, 'eval')
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoint.write_json(os.path.join(out_dir, f'step_{step}.json'),
+                          {'step': step, 'results': results})
+    return results
+
+
+def print_table(step: int, results: dict[str, dict[str, float]], extra=None) -> None:
+  names = ['loss', 'perplexity', 'accuracy', 'tokens']
+  print(f'\nstep {step}')
+  print(f"| {'split':<12} | " + ' | '.join(f'{n:>10}' for n in names) + ' |')
+  print(f"|{'-' * 14}|" + '|'.join('-' * 12 for _ in names) + '|')
+  for split, report in results.items():
+    print(f'| {split:<12} | ' + ' | '.join(f'{report[n]:>10.4f}' for n in names) + ' |')
+  for label, value in (extra or {}).items():
+    print(f'{label}: {value:.4f}')
+
+
+def watch(evaluator: Evaluator) -> None:
+  """Evaluates every committed checkpoint as it appears; stops after the run's final step."""
+  final = evaluator.config.train.num_steps
+  done, last_new = set(), time.time()
+  while True:
+    evaluator.mngr.reload()
+    for step in sorted(set(evaluator.mngr.all_steps()) - done):
+      print_table(step, evaluator.evaluate(step, _SPLITS.value))
+      done.add(step)
+      last_new = time.time()
+    if final in done:
+      return
+    if time.time() - last_new > _TIMEOUT.value:
+      raise TimeoutError(f'no new checkpoint in {evaluator.mngr.directory} for '
+                         f'{_TIMEOUT.value:.0f}s; the last evaluated was {max(done, default=None)}')
+    time.sleep(_POLL.value)
+
+
+def generate(evaluator: Evaluator, step: int) -> None:
+  state = evaluator.restore(step)
+  tok = evaluator.exp.tokenizer
+  prompts = [[tok.bos_id] + tok.encode(p) for p in _PROMPT.value]
+  for name in _SAMPLING.value:
+    sampler = decoding.make_sampler(name, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                    top_p=_TOP_P.value)
+    outputs = decoding.generate(
+        evaluator.exp.model, state.params, prompts, jax.random.key(_SEED.value),
+        max_new_tokens=_MAX_NEW.value, sampler=sampler, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    print(f'\n[{name}]')
+    for text, new in zip(_PROMPT.value, outputs):
+      print(f'  {text!r} -> {tok.decode(list(new))!r}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  evaluator = Evaluator(_WORKDIR.value)
+  if _WATCH.value:
+    watch(evaluator)
+    return
+  steps = evaluator.mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'no committed checkpoint in {evaluator.mngr.directory}')
+  step = _STEP.value if _STEP.value is not None else max(steps)
+  if step not in steps:
+    raise ValueError(f'--step={step} is not among the checkpoints {sorted(steps)}')
+  results = evaluator.evaluate(step, _SPLITS.value)
+  extra = {}
+  if _UNIGRAM.value:
+    extra['unigram baseline validation perplexity'] = baselines.unigram_perplexity(
+        evaluator.batches('train'), evaluator.batches('validation'),
+        evaluator.exp.tokenizer.vocab_size)
+    extra['model validation perplexity'] = results['validation']['perplexity']
+  print_table(step, results, extra)
+  if _PROMPT.value:
+    generate(evaluator, step)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

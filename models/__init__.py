@@ -1,0 +1,14 @@
+"""Model families by name: `config_cls, model_cls = models.get('gpt')`."""
+
+from models import gpt
+
+MODELS = {
+    'gpt': (gpt.GPTConfig, gpt.GPT),
+}
+
+
+def get(name: str) -> tuple[type, type]:
+  """The (config dataclass, Flax module) pair registered as `name`."""
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r} (known: {", ".join(sorted(MODELS))})')
+  return MODELS[name]

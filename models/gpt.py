@@ -1,0 +1,167 @@
+"""GPT-2 style decoder-only language model (Radford et al. 2019).
+
+    h_0 = dropout(W_e[tokens] + W_p[positions])
+    h_l = h_{l-1} + Attn(LN(h_{l-1}))      causal (and within a packed document)
+    h_l = h_l + Mlp(LN(h_l))
+    logits = LN(h_L) W_e^T                 the output projection is the token embedding
+
+Dims as in attention.py, plus V (vocabulary) and F (MLP width).
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import attention
+from models import layers
+from models import positions as positions_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """Hyperparameters of a GPT; built from a config as `GPTConfig(**config.model)`."""
+  vocab_size: int
+  max_len: int
+  num_layers: int
+  num_heads: int
+  embed_dim: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  attention: str = 'scaled_dot'
+  kernel: str = 'xla'
+  position: str = 'learned'
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'max_len', 'num_layers', 'num_heads', 'embed_dim', 'mlp_dim'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'GPTConfig.{name} must be a positive integer, got {value!r}')
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f'GPTConfig.num_heads={self.num_heads} must divide '
+                       f'GPTConfig.embed_dim={self.embed_dim}')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f'GPTConfig.dropout_rate must lie in [0, 1), got {self.dropout_rate!r}')
+    for name in ('dtype', 'param_dtype'):
+      value = getattr(self, name)
+      try:
+        floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+      except TypeError:
+        floating = False
+      if not floating:
+        raise ValueError(f'GPTConfig.{name} must name a floating dtype such as '
+                         f"'float32' or 'bfloat16', got {value!r}")
+    registries = (('attention', attention.SCORES), ('kernel', attention.KERNELS),
+                  ('position', positions_lib.POSITIONS))
+    for name, registry in registries:
+      value = getattr(self, name)
+      if value not in registry:
+        raise ValueError(f'GPTConfig.{name}={value!r} is not one of: '
+                         f'{", ".join(sorted(registry))}')
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+
+class DecoderBlock(nn.Module):
+  """One pre-LN block: LN -> causal self-attention -> residual; LN -> MLP -> residual."""
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, *, mask_B1TS: Array | None, segment_ids_BT: Array | None,
+               deterministic: bool, decode: bool) -> Array:
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2L),
+    # so the stream's variance does not grow with depth.
+    residual_init = nn.initializers.normal(stddev=0.02 / math.sqrt(2 * cfg.num_layers))
+
+    h_BTD = layers.LayerNorm(dtype=dtype, param_dtype=param_dtype, name='ln_attention')(x_BTD)
+    h_BTD = attention.MultiHeadAttention(
+        num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype, param_dtype=param_dtype,
+        dropout_rate=cfg.dropout_rate, score=cfg.attention, kernel=cfg.kernel,
+        out_kernel_init=residual_init, name='attention')(
+            h_BTD, mask_B1TS=mask_B1TS, segment_ids_BT=segment_ids_BT,
+            deterministic=deterministic, decode=decode)
+    x_BTD = x_BTD + h_BTD
+
+    h_BTD = layers.LayerNorm(dtype=dtype, param_dtype=param_dtype, name='ln_mlp')(x_BTD)
+    h_BTD = layers.Mlp(
+        hidden_dim=cfg.mlp_dim, dropout_rate=cfg.dropout_rate, dtype=dtype,
+        param_dtype=param_dtype, out_kernel_init=residual_init, name='mlp')(
+            h_BTD, deterministic=deterministic)
+    x_BTD = x_BTD + h_BTD
+    return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+
+
+class GPT(nn.Module):
+  """A decoder-only Transformer language model; returns float32 next-token logits."""
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: Array, *, segment_ids_BT: Array | None = None,
+               positions_BT: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    """Logits `[B, T, V]` (float32) of the token following each position.
+
+    Args:
+      tokens_BT: integer token ids.
+      segment_ids_BT: packed-document ids, 0 = padding; attention stays within a
+        document. None: one document per row.
+      positions_BT: position ids (restarting at 0 per packed document). None: 0..T-1, or
+        in decode mode the cache's next positions.
+      deterministic: disables dropout (pass rngs={'dropout': ...} otherwise).
+      decode: run over the KV cache in the 'cache' collection (see
+        `attention.MultiHeadAttention`): `init` with a `[B, S_max]` dummy input shapes it,
+        then `apply(..., mutable=['cache'])` takes chunks of new tokens.
+    """
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    batch_size, length = tokens_BT.shape
+    next_positions_BT = self._next_positions(batch_size, length, decode)
+    if positions_BT is None:
+      positions_BT = next_positions_BT
+
+    embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                         name='token_embed')
+    x_BTD = embed(tokens_BT)
+    x_BTD = x_BTD + positions_lib.get(cfg.position)(
+        max_len=cfg.max_len, features=cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
+        name='position_embed')(positions_BT)
+    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
+
+    # Decoding masks against the cache inside each attention layer; so it hands the
+    # segment ids down instead of a mask.
+    mask_B1TS = None
+    if not decode:
+      mask_B1TS = attention.causal_mask(attention.sequence_index(batch_size, length))
+      if segment_ids_BT is not None:
+        mask_B1TS &= attention.segment_mask(segment_ids_BT)
+      segment_ids_BT = None
+
+    for i in range(cfg.num_layers):
+      x_BTD = DecoderBlock(cfg, name=f'block_{i}')(
+          x_BTD, mask_B1TS=mask_B1TS, segment_ids_BT=segment_ids_BT,
+          deterministic=deterministic, decode=decode)
+
+    x_BTD = layers.LayerNorm(dtype=dtype, param_dtype=param_dtype, name='ln_final')(x_BTD)
+    return embed.attend(x_BTD)
+
+  def _next_positions(self, batch_size: int, length: int, decode: bool) -> Array:
+    """0..T-1; in decode mode, continues from the positions already cached."""
+    if not decode:
+      return attention.sequence_index(batch_size, length)
+    initialized = self.has_variable('cache', 'position_index')
+    index = self.variable('cache', 'position_index', lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return attention.sequence_index(batch_size, length)
+    start = index.value
+    index.value = start + length
+    return attention.sequence_index(batch_size, length, start)

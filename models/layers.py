@@ -1,0 +1,126 @@
+"""Building blocks shared by the model families: LayerNorm, the feed-forward Mlp, Embed.
+
+Dims as in attention.py, plus F (feed-forward width) and V (vocabulary). Every module
+computes in `dtype`, stores parameters in `param_dtype` and names parameter axes with the
+shared logical vocabulary (batch, length, embed, mlp, heads, kv, vocab).
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+# GPT-2/BERT initialise weights from N(0, 0.02).
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+class LayerNorm(nn.Module):
+  """Layer normalisation over the last axis (Ba et al. 2016), statistics in float32.
+
+  Attributes:
+    epsilon: added to the variance (GPT-2 uses 1e-5, BERT 1e-12).
+    use_bias: whether to learn a shift beside the scale.
+    dtype: dtype of the output.
+    param_dtype: dtype of `scale` and `bias`.
+  """
+  epsilon: float = 1e-5
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    features = x_BTD.shape[-1]
+    scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                         (features,), self.param_dtype)
+    # Statistics in float32: a bfloat16 variance loses most of its digits.
+    x_BTD = x_BTD.astype(jnp.float32)
+    mean_BT1 = jnp.mean(x_BTD, axis=-1, keepdims=True)
+    var_BT1 = jnp.mean(jnp.square(x_BTD - mean_BT1), axis=-1, keepdims=True)
+    y_BTD = (x_BTD - mean_BT1) * jax.lax.rsqrt(var_BT1 + self.epsilon)
+    y_BTD = y_BTD * scale_D.astype(jnp.float32)
+    if self.use_bias:
+      bias_D = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+                          (features,), self.param_dtype)
+      y_BTD = y_BTD + bias_D.astype(jnp.float32)
+    return y_BTD.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward block: Dense D -> F, GELU, Dense F -> D, dropout.
+
+  The dropout sits on the output, where GPT-2 drops the residual branch.
+
+  Attributes:
+    hidden_dim: F.
+    dropout_rate: dropout on the output.
+    dtype: compute dtype.
+    param_dtype: storage dtype of the parameters.
+    use_bias: whether both projections have biases.
+    kernel_init: initializer of the first projection.
+    out_kernel_init: initializer of the second projection (GPT-2 scales it by depth).
+  """
+  hidden_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  kernel_init: Initializer = default_init
+  out_kernel_init: Initializer = default_init
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, *, deterministic: bool = True) -> Array:
+    h_BTF = nn.Dense(
+        self.hidden_dim, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, ('embed', 'mlp')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('mlp',)),
+        name='fc_in')(x_BTD)
+    # The tanh approximation of GELU, as GPT-2 and BERT were trained with.
+    h_BTF = nn.gelu(h_BTF, approximate=True)
+    h_BTF = nn.with_logical_constraint(h_BTF, ('batch', 'length', 'mlp'))
+    y_BTD = nn.Dense(
+        x_BTD.shape[-1], use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(self.out_kernel_init, ('mlp', 'embed')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+        name='fc_out')(h_BTF)
+    y_BTD = nn.Dropout(self.dropout_rate)(y_BTD, deterministic=deterministic)
+    return nn.with_logical_constraint(y_BTD, ('batch', 'length', 'embed'))
+
+
+class Embed(nn.Module):
+  """A token embedding table `[V, D]`; `attend` reuses it as the tied output projection.
+
+  Attributes:
+    num_embeddings: V.
+    features: D.
+    dtype: dtype of the embeddings returned by `__call__`.
+    param_dtype: storage dtype of the table.
+    embedding_init: initializer of the table.
+  """
+  num_embeddings: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  embedding_init: Initializer = default_init
+
+  def setup(self):
+    self.embedding_VD = self.param(
+        'embedding', nn.with_logical_partitioning(self.embedding_init, ('vocab', 'embed')),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids_BT: Array) -> Array:
+    """Looks up `[B, T]` integer ids: `[B, T, D]` in `dtype`."""
+    x_BTD = jnp.take(self.embedding_VD, ids_BT, axis=0).astype(self.dtype)
+    return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+
+  def attend(self, x_BTD: Array) -> Array:
+    """Scores `[B, T, D]` against every embedding: float32 logits `[B, T, V]`."""
+    logits_BTV = jnp.einsum('btd,vd->btv', x_BTD.astype(self.dtype),
+                            self.embedding_VD.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits_BTV, ('batch', 'length', 'vocab'))

@@ -1,0 +1,73 @@
+"""Tests of models/layers.py and models/positions.py against their formulas."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import layers
+from models import positions
+
+
+def _normal(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _init_apply(module, *args, method=None, **kwargs):
+  variables = jax.jit(module.init)(jax.random.key(0, impl='rbg'), *args, **kwargs)
+  out = jax.jit(module.apply, static_argnames='method')(variables, *args, method=method,
+                                                       **kwargs)
+  return nn.unbox(variables)['params'], out
+
+
+def test_layer_norm_formula_and_dtype():
+  x = _normal(1, (2, 3, 8)) * 4 + 1
+  params, out = _init_apply(layers.LayerNorm(epsilon=1e-5), x)
+  mean = x.mean(-1, keepdims=True)
+  expected = (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  assert set(params) == {'scale', 'bias'}
+  _, out_bf16 = _init_apply(layers.LayerNorm(dtype=jnp.bfloat16), x)
+  assert out_bf16.dtype == jnp.bfloat16
+
+
+def test_mlp_formula():
+  x = _normal(1, (2, 3, 8))
+  params, out = _init_apply(layers.Mlp(hidden_dim=16), x)
+  hidden = jax.nn.gelu(x @ params['fc_in']['kernel'] + params['fc_in']['bias'], approximate=True)
+  expected = hidden @ params['fc_out']['kernel'] + params['fc_out']['bias']
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_embed_lookup_and_tied_attend_in_float32():
+  embed = layers.Embed(num_embeddings=10, features=4, dtype=jnp.bfloat16)
+  ids = jnp.array([[1, 7, 7]])
+  params, vectors = _init_apply(embed, ids)
+  table = params['embedding']
+  assert table.dtype == jnp.float32 and vectors.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(vectors, np.float32), table[ids], atol=1e-2)
+  x = _normal(2, (1, 3, 4))
+  logits = jax.jit(embed.apply, static_argnames='method')(
+      {'params': params}, x, method=layers.Embed.attend)
+  assert logits.shape == (1, 3, 10) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, x @ table.T, atol=2e-2)
+
+
+def test_learned_positions_look_up_explicit_positions():
+  module = positions.get('learned')(max_len=6, features=4)
+  restart = jnp.array([[0, 1, 2, 0, 1]])  # A second packed document restarts at 0.
+  params, out = _init_apply(module, restart)
+  np.testing.assert_array_equal(out[0], params['embedding'][restart[0]])
+  specs = nn.get_partition_spec(jax.eval_shape(module.init, jax.random.key(0), restart))
+  assert tuple(specs['params']['embedding']) == ('length', 'embed')
+
+
+def test_position_registry():
+  with pytest.raises(ValueError, match="unknown position encoding 'spiral'"):
+    positions.get('spiral')
+  positions.register('learned_copy', positions.LearnedPositions)
+  try:
+    assert positions.get('learned_copy') is positions.LearnedPositions
+  finally:
+    del positions.POSITIONS['learned_copy']

@@ -1,0 +1,87 @@
+"""A short run end to end: train -> checkpoint -> resume -> evaluate, on a corpus of our own."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import gpt
+from training import checkpoint
+from training import loop
+from training import metrics
+
+WORDS = ('the lord said unto moses speak unto the children of israel and say unto them '
+         'in the beginning god created the heaven and the earth').split()
+
+
+def write_corpus(directory) -> str:
+  rng = np.random.default_rng(0)
+  os.makedirs(directory, exist_ok=True)
+  for split, lines in (('train', 300), ('validation', 30), ('test', 30)):
+    with open(os.path.join(directory, f'{split}.txt'), 'w') as f:
+      for _ in range(lines):
+        f.write(' '.join(rng.choice(WORDS, size=rng.integers(5, 30))) + '\n')
+  return str(directory)
+
+
+def tiny_config(tmp_path, **train):
+  config = gpt.get_config('size=tiny')
+  config.unlock()
+  config.data.files = write_corpus(tmp_path / 'corpus')
+  config.data.data_dir = str(tmp_path / 'data')
+  config.data.vocab_size = 128
+  config.train.update(num_steps=6, log_every=2, eval_every=3, checkpoint_every=3,
+                      keep_checkpoints=5, **train)
+  config.lock()
+  return config
+
+
+def final_params(workdir, step):
+  config = loop.ml_collections.ConfigDict(checkpoint.restore_config(
+      checkpoint.manager(os.path.join(workdir, 'checkpoints')), step))
+  exp = loop.build(config)
+  abstract, shardings = exp.abstract_state()
+  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'))
+  return checkpoint.restore(mngr, step, abstract, shardings)
+
+
+def test_train_resume_and_eval_match_an_uninterrupted_run(tmp_path):
+  config = tiny_config(tmp_path)
+  full = str(tmp_path / 'full')
+  report = loop.train_and_evaluate(config, full)
+  assert np.isfinite(report['loss'])
+
+  # An interrupted run: the same workdir as it stood after the step-3 checkpoint.
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(full, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
+  os.remove(os.path.join(resumed, 'metrics.jsonl'))
+  loop.train_and_evaluate(config, resumed)
+
+  a, b = final_params(full, 6), final_params(resumed, 6)
+  assert int(a.step) == int(b.step) == 6
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  jax.tree.map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
+  # The resumed run logged steps 4..6 only, with the same losses as the full run.
+  full_train = {m['step']: m['loss'] for m in metrics.read_metrics(full) if m['split'] == 'train'}
+  resumed_train = {m['step']: m['loss'] for m in metrics.read_metrics(resumed)
+                   if m['split'] == 'train'}
+  assert sorted(resumed_train) == [4, 6]
+  assert resumed_train[6] == full_train[6]
+
+
+def test_eval_reproduces_the_training_runs_own_validation(tmp_path):
+  import importlib
+  eval_cli = importlib.import_module('eval')  # eval.py, the CLI
+  config = tiny_config(tmp_path)
+  workdir = str(tmp_path / 'run')
+  loop.train_and_evaluate(config, workdir)
+  logged = {m['step']: m for m in metrics.read_metrics(workdir) if m['split'] == 'validation'}
+  evaluator = eval_cli.Evaluator(workdir)
+  for step in (3, 6):
+    result = evaluator.evaluate(step, splits=('validation',))['validation']
+    for name in ('loss', 'perplexity', 'accuracy', 'tokens'):
+      assert result[name] == pytest.approx(logged[step][name], rel=1e-6), name
+  assert os.path.exists(os.path.join(workdir, 'eval', 'step_6.json'))

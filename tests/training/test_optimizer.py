@@ -1,0 +1,42 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from training import optimizer
+
+
+def _cfg(**kw):
+  base = dict(learning_rate=1.0, warmup_steps=10, decay='cosine', end_learning_rate_factor=0.1)
+  base.update(kw)
+  return optimizer.OptimizerConfig(**base)
+
+
+def test_schedule_warms_up_then_decays_to_the_end_value():
+  lr = optimizer.learning_rate_schedule(_cfg(), num_steps=110)
+  assert float(lr(0)) == 0.0
+  assert np.isclose(float(lr(5)), 0.5)
+  assert np.isclose(float(lr(10)), 1.0)
+  assert np.isclose(float(lr(110)), 0.1)
+  linear = optimizer.learning_rate_schedule(_cfg(decay='linear'), num_steps=110)
+  assert np.isclose(float(linear(60)), 0.55)
+
+
+def test_weight_decay_skips_norms_and_biases():
+  params = {'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))},
+            'norm': {'scale': jnp.ones((2,))}}
+  mask = optimizer.decay_mask(params)
+  assert mask == {'dense': {'kernel': True, 'bias': False}, 'norm': {'scale': False}}
+  zero = {'dense': {'kernel': jnp.zeros((2, 2)), 'bias': jnp.zeros((2,))},
+          'norm': {'scale': jnp.zeros((2,))}}
+  # With zero gradients, AdamW's update is the decay alone: -lr * wd * param where masked in.
+  tx = optimizer.make_optimizer(_cfg(learning_rate=1.0, warmup_steps=0, decay='constant',
+                                     weight_decay=0.5), 10)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  np.testing.assert_allclose(updates['dense']['kernel'], -0.5)
+  np.testing.assert_allclose(updates['dense']['bias'], 0.0)
+  np.testing.assert_allclose(updates['norm']['scale'], 0.0)
+
+
+def test_bad_decay_names_the_field():
+  with pytest.raises(ValueError, match='config.optimizer.decay'):
+    _cfg(decay='exponential')

@@ -1,0 +1,25 @@
+"""Trains a model from a config; re-running the same command resumes from the last checkpoint.
+
+  python train.py --config=configs/gpt.py:size=tiny --workdir=/tmp/gpt [--config.train.num_steps=50]
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from training import loop
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

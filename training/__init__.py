@@ -1,0 +1,1 @@
+"""Training: optimizer, sharding, train step, checkpoints, metrics and the loop."""

@@ -1,0 +1,181 @@
+"""The training loop: build everything from the config, resume, train, evaluate, checkpoint.
+
+`build` is shared with eval.py, so the evaluation of a checkpoint runs exactly the code the
+training run used for its own periodic evaluation.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+
+from data import pipeline
+import models
+import objectives
+from training import checkpoint
+from training import metrics as metrics_lib
+from training import optimizer as optimizer_lib
+from training import sharding
+from training import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a config determines: model, data, objective, optimizer and mesh."""
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  tokenizer: Any
+  data: pipeline.DataConfig
+  objective: Any
+  mesh: Mesh
+  rules: tuple
+  tx: Any
+  learning_rate_fn: Any
+
+  @property
+  def sample_inputs(self) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((1, self.data.seq_len), jnp.int32)
+
+  def abstract_state(self):
+    return step_lib.abstract_state(self.model, self.tx, self.sample_inputs, self.mesh, self.rules)
+
+
+def build(config: ml_collections.ConfigDict, *, mesh_shape=None) -> Experiment:
+  """Builds the experiment; `mesh_shape` overrides config.mesh.shape (eval on other devices)."""
+  data_cfg = pipeline.DataConfig(**config.data)
+  config_cls, model_cls = models.get(config.model_name)
+  model_cfg = config_cls(**config.model)
+  tokenizer = pipeline.load_tokenizer(data_cfg)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f'the tokenizer has {tokenizer.vocab_size} tokens but config.model.vocab_size'
+                     f' is {model_cfg.vocab_size}')
+  mesh = sharding.make_mesh(mesh_shape or config.mesh.shape, config.mesh.axes)
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  divisor = sharding.batch_divisor(mesh, rules)
+  if data_cfg.batch_size % divisor or data_cfg.batch_size % jax.process_count():
+    raise ValueError(f'config.data.batch_size={data_cfg.batch_size} must be divisible by the '
+                     f'{divisor} ways the batch is split over the mesh and by the '
+                     f'{jax.process_count()} hosts')
+  opt_cfg = optimizer_lib.OptimizerConfig(**config.optimizer)
+  num_steps = config.train.num_steps
+  return Experiment(
+      config=config, model=model_cls(model_cfg), tokenizer=tokenizer, data=data_cfg,
+      objective=objectives.get(config.objective), mesh=mesh, rules=rules,
+      tx=optimizer_lib.make_optimizer(opt_cfg, num_steps),
+      learning_rate_fn=optimizer_lib.learning_rate_schedule(opt_cfg, num_steps))
+
+
+def eval_fn(exp: Experiment, state_shardings):
+  return step_lib.jit_eval_step(
+      state_shardings.params, sharding.batch_sharding(exp.mesh, exp.rules),
+      loss_fn=exp.objective.loss_fn, model=exp.model)
+
+
+def evaluate(exp: Experiment, params, batches, step_fn) -> dict[str, float]:
+  """The objective's report over a whole split (`batches` as from `pipeline.eval_batches`)."""
+  batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
+  sums = [step_fn(params, sharding.global_batch(b, batch_sharding)) for b in batches]
+  return exp.objective.summarize(step_lib.sum_metrics(sums))
+
+
+def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
+  return list(pipeline.eval_batches(
+      exp.data, exp.tokenizer, split, shard_index=jax.process_index(),
+      shard_count=jax.process_count(), max_batches=exp.config.train.eval_batches))
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails before any compute if the workdir cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f'--workdir={workdir} is not writable: {e}') from e
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
+
+  Returns the final validation report.
+  """
+  check_workdir(workdir)
+  exp = build(config)
+  train_cfg = config.train
+  if jax.process_index() == 0:
+    checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+
+  data_iter = pipeline.train_iterator(exp.data, exp.tokenizer, shard_index=jax.process_index(),
+                                      shard_count=jax.process_count())
+  abstract, state_shardings = exp.abstract_state()
+  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep_checkpoints)
+  latest = mngr.latest_step()
+  if latest is None:
+    rng = jax.random.key(config.seed)
+    state, _ = step_lib.create_state(rng, exp.model, exp.tx, exp.sample_inputs, exp.mesh, exp.rules)
+  else:
+    state = checkpoint.restore(mngr, latest, abstract, state_shardings, data_iter)
+    print(f'Resumed from {mngr.directory} at step {latest}.', flush=True)
+
+  batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
+  train_step = step_lib.jit_train_step(
+      state_shardings, batch_sharding, loss_fn=exp.objective.loss_fn, model=exp.model,
+      seed=config.seed, learning_rate_fn=exp.learning_rate_fn)
+  eval_step = eval_fn(exp, state_shardings)
+  valid_batches = eval_split(exp, 'validation')
+  writer = metrics_lib.MetricWriter(workdir)
+
+  start = int(jax.device_get(state.step))
+  bar = metrics_lib.progress_bar(start, train_cfg.num_steps)
+  pending, tokens, tick = [], 0.0, time.perf_counter()
+  report = {}
+  with exp.mesh:
+    for step in range(start + 1, train_cfg.num_steps + 1):
+      batch = next(data_iter)
+      state, step_metrics = train_step(state, sharding.global_batch(batch, batch_sharding))
+      pending.append(step_metrics)
+      tokens += float(np.sum(batch['segment_ids'] != 0)) * jax.process_count()
+
+      if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
+        summary = _summarize_train(exp, pending)
+        elapsed = time.perf_counter() - tick
+        summary['tokens_per_sec'] = tokens / max(elapsed, 1e-9)
+        writer.write(step, 'train', summary)
+        bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
+        pending, tokens, tick = [], 0.0, time.perf_counter()
+      bar.update(1)
+
+      final = step == train_cfg.num_steps
+      if step % train_cfg.eval_every == 0 or final:
+        report = evaluate(exp, state.params, valid_batches, eval_step)
+        writer.write(step, 'validation', report)
+        bar.write(f'step {step}: validation ' + _format(report))
+      if step % train_cfg.checkpoint_every == 0 or final:
+        checkpoint.save(mngr, step, state, data_iter, config.to_dict())
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  return report
+
+
+def _summarize_train(exp: Experiment, pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """The objective's report over all logged steps' sums, plus the last step's scalars."""
+  pending = jax.device_get(pending)
+  summed = exp.objective.summarize(step_lib.sum_metrics([m['sums'] for m in pending]))
+  last = pending[-1]
+  summed.update(grad_norm=float(last['grad_norm']), learning_rate=float(last['learning_rate']))
+  return summed
+
+
+def _format(report: dict[str, float]) -> str:
+  return ' '.join(f'{k}={v:.4g}' for k, v in report.items())

@@ -1,0 +1,67 @@
+"""The device mesh and the map from logical axis names to it.
+
+Parameters and activations name their dims with one small vocabulary (batch, length, embed,
+mlp, heads, kv, vocab); `config.logical_axis_rules` says which mesh axis each name is split
+over. Changing the parallelism of a run is a config change, never a model change.
+"""
+
+from collections.abc import Sequence
+import math
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Resolves a single -1 in `config.mesh.shape` to the devices left over."""
+  shape = tuple(int(s) for s in shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f'config.mesh.shape={shape}: at most one dimension may be -1')
+  known = math.prod(s for s in shape if s != -1)
+  if known <= 0 or num_devices % known:
+    raise ValueError(f'config.mesh.shape={shape} does not divide the {num_devices} devices')
+  shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f'config.mesh.shape={shape} uses {math.prod(shape)} devices '
+                     f'but {num_devices} are present')
+  return shape
+
+
+def make_mesh(shape: Sequence[int], axes: Sequence[str]) -> Mesh:
+  if len(shape) != len(axes):
+    raise ValueError(f'config.mesh.shape={tuple(shape)} and config.mesh.axes={tuple(axes)} '
+                     'must have the same length')
+  devices = jax.devices()
+  resolved = mesh_shape(shape, len(devices))
+  return Mesh(np.asarray(devices).reshape(resolved), tuple(axes))
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules: Rules):
+  """NamedShardings for a tree whose leaves may be boxed with logical axis names."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Batches are [batch, length]: split over whatever mesh axes 'batch' maps to."""
+  return nn.logical_to_mesh_sharding(P('batch', 'length'), mesh, rules)
+
+
+def batch_divisor(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the batch dimension is split: the global batch must be a multiple."""
+  spec = batch_sharding(mesh, rules).spec
+  axes = spec[0] if spec else None
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding):
+  """Assembles each host's rows into one global jax.Array per feature."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

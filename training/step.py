@@ -1,0 +1,90 @@
+"""The train state, its sharded initialisation, and the pure train and eval steps.
+
+Initialisation follows the pattern that scales to pods: trace the init with `eval_shape`
+(no memory), read the logical axis names of every parameter and optimizer leaf, map them to
+NamedShardings, then run the jitted init with those `out_shardings` so each device creates
+only its own shard.
+"""
+
+from collections.abc import Callable
+import functools
+from typing import Any
+
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import optax
+
+from training import sharding as sharding_lib
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class TrainState(train_state.TrainState):
+  """params, opt_state, step (and the optimizer's `tx`, which is static)."""
+
+
+def _init_state(rng: jax.Array, sample_inputs: jax.Array, *, model: nn.Module,
+                tx: optax.GradientTransformation) -> TrainState:
+  params = model.init({'params': rng, 'dropout': rng}, sample_inputs, deterministic=True)['params']
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def abstract_state(model, tx, sample_inputs, mesh, rules):
+  """The state's shapes (unboxed) and its NamedShardings, with no memory allocated."""
+  init = functools.partial(_init_state, model=model, tx=tx)
+  boxed = jax.eval_shape(init, jax.random.key(0), sample_inputs)
+  shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  return nn.unbox(boxed), shardings
+
+
+def create_state(rng, model, tx, sample_inputs, mesh, rules) -> tuple[TrainState, Any]:
+  """A freshly initialised state, each leaf created directly with its sharding."""
+  _, shardings = abstract_state(model, tx, sample_inputs, mesh, rules)
+  init = functools.partial(_init_state, model=model, tx=tx)
+  jit_init = jax.jit(lambda r, x: nn.unbox(init(r, x)), out_shardings=shardings)
+  with mesh:
+    return jit_init(rng, sample_inputs), shardings
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: LossFn,
+               model: nn.Module, seed: int, learning_rate_fn: Callable[[int], float]):
+  """One optimizer update. The dropout RNG is `fold_in(seed, step)`: reproducible on resume."""
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+  def objective(params):
+    return loss_fn(params, batch, rng, model=model, deterministic=False)
+
+  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads)
+  return new_state, {'sums': metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
+                     'learning_rate': learning_rate_fn(state.step)}
+
+
+def eval_step(params, batch: dict[str, jax.Array], *, loss_fn: LossFn, model: nn.Module):
+  """Summed metrics of one batch, deterministic (no dropout)."""
+  _, metrics = loss_fn(params, batch, jax.random.key(0), model=model, deterministic=True)
+  return metrics
+
+
+def jit_train_step(state_shardings, batch_sharding, **kwargs):
+  """`train_step` compiled over the mesh, with the old state's buffers donated."""
+  return jax.jit(
+      functools.partial(train_step, **kwargs),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, None),
+      donate_argnums=(0,))
+
+
+def jit_eval_step(param_shardings, batch_sharding, **kwargs):
+  return jax.jit(functools.partial(eval_step, **kwargs),
+                 in_shardings=(param_shardings, batch_sharding))
+
+
+def sum_metrics(metric_list: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Adds up per-batch summed metrics on the host."""
+  if not metric_list:
+    return {}
+  total = jax.tree.map(lambda *xs: jnp.sum(jnp.stack(xs)), *metric_list)
+  return {k: float(v) for k, v in total.items()}
