@@ -31,9 +31,8 @@ data: $(DATA)/.stamp
 
 demo: data
 	$(PY) train.py --config=configs/gpt.py:size=small --workdir=$(DEMO)
-	$(PY) eval.py --workdir=$(DEMO) --prompt="In the beginning" --prompt="And Jesus said" \
-	  --sampling=greedy,top_p
-	$(PY) -m training.unigram --workdir=$(DEMO)
+	$(PY) eval.py --workdir=$(DEMO) --unigram_baseline --sampling=greedy,top_p \
+	  --prompt="In the beginning" --prompt="And Jesus said unto them"
 
 test: data
 	$(PY) -m pytest -q -n 2

@@ -9,12 +9,14 @@ The config comes from the workdir (`config.json`, written by train.py). Checkpoi
 restored onto whatever devices are present: the mesh becomes data-parallel over all of them.
 """
 
+import dataclasses
 import json
 import os
 import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 
@@ -73,7 +75,7 @@ class Evaluator:
 
   def evaluate(self, step: int, splits=('validation', 'test')) -> dict[str, dict[str, float]]:
     state = self.restore(step)
-    with self.exp.mesh:
+    with jax.set_mesh(self.exp.mesh):
       results = {split: loop.evaluate(self.exp, state.params, self.batches(split), self.step_fn)
                  for split in splits}
     out_dir = os.path.join(self.workdir, 'eval')
@@ -116,12 +118,25 @@ def generate(evaluator: Evaluator, step: int) -> None:
   state = evaluator.restore(step)
   tok = evaluator.exp.tokenizer
   prompts = [[tok.bos_id] + tok.encode(p) for p in _PROMPT.value]
+  room = evaluator.exp.model.config.max_len - max(len(p) for p in prompts)
+  if room <= 0:
+    raise ValueError(f'the longest prompt ({room + evaluator.exp.model.config.max_len} tokens) '
+                     f'leaves no room in the model\'s context of {evaluator.exp.model.config.max_len}')
+  max_new_tokens = min(_MAX_NEW.value, room)
+  if max_new_tokens < _MAX_NEW.value:
+    print(f'(generating {max_new_tokens} tokens: the context is '
+          f'{evaluator.exp.model.config.max_len} tokens long)')
+  flag_settings = {'temperature': _TEMPERATURE.value, 'k': _TOP_K.value, 'p': _TOP_P.value}
   for name in _SAMPLING.value:
-    sampler = decoding.make_sampler(name, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                                    top_p=_TOP_P.value)
+    if name not in decoding.SAMPLERS:
+      raise ValueError(f'--sampling: unknown sampler {name!r} (known: {sorted(decoding.SAMPLERS)})')
+    # Each sampler takes only its own settings (greedy none, top_k k and temperature, ...).
+    fields = {f.name for f in dataclasses.fields(decoding.SAMPLERS[name])}
+    sampler = decoding.make_sampler(
+        name, **{k: v for k, v in flag_settings.items() if k in fields})
     outputs = decoding.generate(
         evaluator.exp.model, state.params, prompts, jax.random.key(_SEED.value),
-        max_new_tokens=_MAX_NEW.value, sampler=sampler, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        max_new_tokens=max_new_tokens, sampler=sampler, eos_id=tok.eos_id, pad_id=tok.pad_id)
     print(f'\n[{name}]')
     for text, new in zip(_PROMPT.value, outputs):
       print(f'  {text!r} -> {tok.decode(list(new))!r}')
@@ -130,6 +145,8 @@ def generate(evaluator: Evaluator, step: int) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO; -v 0 brings it back
+    logging.set_verbosity(logging.WARNING)
   evaluator = Evaluator(_WORKDIR.value)
   if _WATCH.value:
     watch(evaluator)

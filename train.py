@@ -5,6 +5,7 @@
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from training import loop
@@ -18,6 +19,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO; -v 0 brings it back
+    logging.set_verbosity(logging.WARNING)
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

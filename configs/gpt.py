@@ -13,7 +13,7 @@ SIZES = {
     'tiny': dict(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=128, seq_len=32,
                  vocab_size=512, batch_size=8, num_steps=20),
     'small': dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, seq_len=128,
-                  vocab_size=2048, batch_size=32, num_steps=1500),
+                  vocab_size=2048, batch_size=32, num_steps=800),
     'gpt2': dict(num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, seq_len=1024,
                  vocab_size=32000, batch_size=256, num_steps=100_000),
 }

@@ -50,8 +50,8 @@ class _IteratorSnapshot:
 
 def _shape_tree(tree) -> dict[str, tuple[int, ...]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat
-          if hasattr(leaf, 'shape')}
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape)
+          for path, leaf in flat if hasattr(leaf, 'shape')}
 
 
 def mismatched_parameters(saved_params, expected_params) -> list[str]:

@@ -138,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar = metrics_lib.progress_bar(start, train_cfg.num_steps)
   pending, tokens, tick = [], 0.0, time.perf_counter()
   report = {}
-  with exp.mesh:
+  with jax.set_mesh(exp.mesh):
     for step in range(start + 1, train_cfg.num_steps + 1):
       batch = next(data_iter)
       state, step_metrics = train_step(state, sharding.global_batch(batch, batch_sharding))
@@ -161,6 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.write(f'step {step}: validation ' + _format(report))
       if step % train_cfg.checkpoint_every == 0 or final:
         checkpoint.save(mngr, step, state, data_iter, config.to_dict())
+      if not pending:  # Throughput counts training alone, not evaluation or saving.
+        tokens, tick = 0.0, time.perf_counter()
   bar.close()
   mngr.wait_until_finished()
   mngr.close()

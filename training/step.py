@@ -44,7 +44,7 @@ def create_state(rng, model, tx, sample_inputs, mesh, rules) -> tuple[TrainState
   _, shardings = abstract_state(model, tx, sample_inputs, mesh, rules)
   init = functools.partial(_init_state, model=model, tx=tx)
   jit_init = jax.jit(lambda r, x: nn.unbox(init(r, x)), out_shardings=shardings)
-  with mesh:
+  with jax.set_mesh(mesh):
     return jit_init(rng, sample_inputs), shardings
 
 

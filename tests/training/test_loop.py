@@ -32,8 +32,8 @@ def tiny_config(tmp_path, **train):
   config.data.files = write_corpus(tmp_path / 'corpus')
   config.data.data_dir = str(tmp_path / 'data')
   config.data.vocab_size = 128
-  config.train.update(num_steps=6, log_every=2, eval_every=3, checkpoint_every=3,
-                      keep_checkpoints=5, **train)
+  config.train.update(dict(dict(num_steps=6, log_every=2, eval_every=3, checkpoint_every=3,
+                               keep_checkpoints=5), **train))
   config.lock()
   return config
 
