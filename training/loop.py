@@ -4,6 +4,7 @@
 training run used for its own periodic evaluation.
 """
 
+import collections
 import dataclasses
 import os
 import time
@@ -81,8 +82,37 @@ def eval_fn(exp: Experiment, state_shardings):
 def evaluate(exp: Experiment, params, batches, step_fn) -> dict[str, float]:
   """The objective's report over a whole split (`batches` as from `pipeline.eval_batches`)."""
   batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
-  sums = [step_fn(params, sharding.global_batch(b, batch_sharding)) for b in batches]
-  return exp.objective.summarize(step_lib.sum_metrics(sums))
+  totals, throttle = None, Throttle()
+  for batch in batches:
+    batch = sharding.global_batch(batch, batch_sharding)
+    if totals is None:
+      shapes = jax.eval_shape(lambda p, b: exp.objective.loss_fn(
+          p, b, jax.random.key(0), model=exp.model, deterministic=True)[1], params, batch)
+      totals = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    totals = step_fn(params, batch, totals)
+    throttle(totals)
+  if totals is None:
+    raise ValueError(f'no evaluation batches: the split of {exp.data.name or exp.data.files} is empty')
+  return exp.objective.summarize(jax.device_get(totals))
+
+
+class Throttle:
+  """Keeps at most `depth` dispatched steps in flight.
+
+  Async dispatch lets the host run ahead of the devices. XLA's CPU backend runs the
+  per-device parts of a program as tasks on a small thread pool, and with several programs
+  in flight their cross-device collectives can wait on each other forever; so on CPU we
+  wait for step k before dispatching step k+2. Accelerators keep a deeper queue.
+  """
+
+  def __init__(self, depth: int | None = None):
+    self.depth = depth or (1 if jax.default_backend() == 'cpu' else 4)
+    self._queue = collections.deque()
+
+  def __call__(self, outputs) -> None:
+    self._queue.append(outputs)
+    while len(self._queue) > self.depth:
+      jax.block_until_ready(self._queue.popleft())
 
 
 def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
@@ -137,12 +167,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(jax.device_get(state.step))
   bar = metrics_lib.progress_bar(start, train_cfg.num_steps)
   pending, tokens, tick = [], 0.0, time.perf_counter()
-  report = {}
+  report, throttle = {}, Throttle()
   with jax.set_mesh(exp.mesh):
     for step in range(start + 1, train_cfg.num_steps + 1):
       batch = next(data_iter)
       state, step_metrics = train_step(state, sharding.global_batch(batch, batch_sharding))
       pending.append(step_metrics)
+      throttle(step_metrics)
       tokens += float(np.sum(batch['segment_ids'] != 0)) * jax.process_count()
 
       if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:

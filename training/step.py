@@ -62,10 +62,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: LossF
                      'learning_rate': learning_rate_fn(state.step)}
 
 
-def eval_step(params, batch: dict[str, jax.Array], *, loss_fn: LossFn, model: nn.Module):
-  """Summed metrics of one batch, deterministic (no dropout)."""
+def eval_step(params, batch: dict[str, jax.Array], totals: dict[str, jax.Array], *,
+              loss_fn: LossFn, model: nn.Module) -> dict[str, jax.Array]:
+  """`totals` plus the summed metrics of one batch, deterministic (no dropout).
+
+  Threading the running totals through the steps chains them, so they run one after another
+  on the devices with no host round trip; independent steps would all be in flight at once,
+  which can exhaust the CPU backend's threads in its cross-device collectives.
+  """
   _, metrics = loss_fn(params, batch, jax.random.key(0), model=model, deterministic=True)
-  return metrics
+  return jax.tree.map(jnp.add, totals, metrics)
 
 
 def jit_train_step(state_shardings, batch_sharding, **kwargs):
@@ -79,7 +85,7 @@ def jit_train_step(state_shardings, batch_sharding, **kwargs):
 
 def jit_eval_step(param_shardings, batch_sharding, **kwargs):
   return jax.jit(functools.partial(eval_step, **kwargs),
-                 in_shardings=(param_shardings, batch_sharding))
+                 in_shardings=(param_shardings, batch_sharding, None))
 
 
 def sum_metrics(metric_list: list[dict[str, jax.Array]]) -> dict[str, float]:

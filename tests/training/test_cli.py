@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.training.test_loop import tiny_config
 from training import checkpoint
 from training import loop
+from training import metrics
 
 
 def run(*args, check=False):
@@ -53,3 +55,60 @@ def test_eval_without_a_run_says_so(tmp_path):
   result = run('eval.py', f'--workdir={tmp_path}')
   assert result.returncode != 0
   assert 'config.json not found' in result.stderr
+
+
+def test_watch_follows_a_running_training_job_to_its_final_step(tmp_path):
+  """eval.py --watch started beside train.py evaluates each checkpoint as it lands."""
+  config = tiny_config(tmp_path)
+  workdir = tmp_path / 'run'
+  overrides = [f'--config.data.files={config.data.files}',
+               f'--config.data.data_dir={config.data.data_dir}',
+               f'--config.data.vocab_size={config.data.vocab_size}',
+               '--config.train.num_steps=6', '--config.train.checkpoint_every=2',
+               '--config.train.eval_every=6', '--config.train.keep_checkpoints=5']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  train = subprocess.Popen(
+      [sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny', f'--workdir={workdir}',
+       *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  # The watcher needs the run's config.json, which train.py writes before its first step.
+  deadline = time.time() + 300
+  while not (workdir / 'config.json').exists():
+    assert train.poll() is None, train.stdout.read()
+    assert time.time() < deadline
+    time.sleep(0.2)
+  watch = run('eval.py', f'--workdir={workdir}', '--watch', '--poll_seconds=0.5',
+              '--splits=validation', '--timeout_seconds=300')
+  assert train.wait(timeout=300) == 0, train.stdout.read()
+  assert watch.returncode == 0, watch.stderr
+  evaluated = [int(line.split()[1]) for line in watch.stdout.splitlines()
+               if line.startswith('step ')]
+  assert evaluated[-1] == 6
+  assert evaluated == sorted(set(evaluated))
+  assert sorted(os.listdir(workdir / 'eval'))[-1] == 'step_6.json'
+
+
+def test_eight_device_data_parallel_run_follows_the_single_device_run(tmp_path):
+  """The same run on 1 and on 8 (simulated) CPU devices: same losses, interchangeable checkpoints."""
+  config = tiny_config(tmp_path)
+  overrides = [f'--config.data.files={config.data.files}',
+               f'--config.data.data_dir={config.data.data_dir}',
+               f'--config.data.vocab_size={config.data.vocab_size}',
+               '--config.train.num_steps=4', '--config.train.log_every=1',
+               '--config.train.eval_every=4', '--config.train.checkpoint_every=4']
+  losses = {}
+  for devices in (1, 8):
+    workdir = tmp_path / f'run{devices}'
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    subprocess.run([sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny',
+                    f'--workdir={workdir}', *overrides], env=env, check=True,
+                   capture_output=True, timeout=600)
+    losses[devices] = [(m['split'], m['loss']) for m in metrics.read_metrics(workdir)]
+  assert len(losses[1]) == 5  # 4 train steps and one validation
+  for (split1, a), (split8, b) in zip(losses[1], losses[8]):
+    assert split1 == split8
+    assert a == pytest.approx(b, rel=1e-5)
+  # The 8-device checkpoint restores in this single-device process.
+  evaluator_result = run('eval.py', f'--workdir={tmp_path / "run8"}', '--splits=validation')
+  assert evaluator_result.returncode == 0, evaluator_result.stderr
+  assert f"{losses[8][-1][1]:.4f}" in evaluator_result.stdout
