@@ -33,6 +33,7 @@ demo: data
 	$(PY) train.py --config=configs/gpt.py:size=small --workdir=$(DEMO)
 	$(PY) eval.py --workdir=$(DEMO) --unigram_baseline --sampling=greedy,top_p \
 	  --prompt="In the beginning" --prompt="And Jesus said unto them"
+	$(PY) -m training.plot --workdir=$(DEMO) --out=$(DEMO)/loss.png
 
 test: data
 	$(PY) -m pytest -q -n 2
