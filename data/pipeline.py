@@ -12,7 +12,7 @@ embeddings with `positions`.
   tok = load_tokenizer(cfg)
   it = train_iterator(cfg, tok, shard_index=jax.process_index(),
                       shard_count=jax.process_count())
-  batch = next(it)   # it.get_state() / it.set_state(): see save_state / restore_state
+  batch = next(it)   # it.get_state() / it.set_state(): Orbax saves them (training/checkpoint.py)
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int = 
   Records are split between shards before shuffling (record i goes to shard
   i % shard_count), then shuffled with cfg.seed, reshuffled each epoch, and the packed
   rows shuffled again in windows of SHUFFLE_WINDOW_ROWS. The iterator's
-  get_state()/set_state() capture the position; checkpoint them with save_state.
+  get_state()/set_state() capture the position, which training checkpoints with Orbax.
   """
   rows = _rows_per_shard(cfg, shard_count)
   ds = grain.MapDataset.source(data_source(cfg, 'train'))
@@ -268,18 +268,3 @@ def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, shard_ind
   """The batches of one pass over `split` ('validation' or 'test'); max_batches=0: all."""
   return EvalBatches(cfg, tokenizer, split, shard_index=shard_index,
                      shard_count=shard_count, max_batches=max_batches)
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpointing the iterator's position with Orbax.
-
-def checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False):
-  """The Orbax args that save (or restore into) `iterator`, for a Composite checkpoint:
-
-    manager.save(step, args=ocp.args.Composite(state=..., data=checkpoint_args(it)))
-    manager.restore(step, args=ocp.args.Composite(
-        state=..., data=checkpoint_args(it, restore=True)))
-  """
-  import grain.checkpoint  # pylint: disable=g-import-not-at-top  (pulls in Orbax)
-  return (grain.checkpoint.CheckpointRestore(iterator) if restore
-          else grain.checkpoint.CheckpointSave(iterator))

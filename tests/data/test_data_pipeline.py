@@ -2,6 +2,7 @@
 
 import collections
 
+import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -129,7 +130,7 @@ def test_resume_mid_epoch_from_orbax_checkpoint(cfg, tok, tmp_path):
   iterator = pipeline.train_iterator(cfg, tok, shard_index=0, shard_count=1)
   take(iterator, 7)
   with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
-    manager.save(7, args=ocp.args.Composite(data=pipeline.checkpoint_args(iterator)))
+    manager.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
     manager.wait_until_finished()
   expected = take(iterator, 5)
 
@@ -137,7 +138,7 @@ def test_resume_mid_epoch_from_orbax_checkpoint(cfg, tok, tmp_path):
   assert not np.array_equal(next(fresh)['inputs'], expected[0]['inputs'])
   with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
     manager.restore(7, args=ocp.args.Composite(
-        data=pipeline.checkpoint_args(fresh, restore=True)))
+        data=grain.checkpoint.CheckpointRestore(fresh)))
   for want, got in zip(expected, take(fresh, 5)):
     for k in want:
       np.testing.assert_array_equal(want[k], got[k])
