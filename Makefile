@@ -41,8 +41,12 @@ test: data
 test-all: data
 	$(PY) -m pytest -q -n 2 -m "not gpu"
 
+# Every benchmark under bench/ (each prints its table and writes it under docs/).
 bench: setup
-	@echo "no benchmarks yet"
+	@for f in bench/*.py; do \
+	  name=$$(basename $$f .py); [ "$$name" = __init__ ] && continue; \
+	  echo "== bench.$$name"; $(PY) -m bench.$$name || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) $(DATA) workdirs

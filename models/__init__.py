@@ -1,5 +1,6 @@
 """Model families by name: `config_cls, model_cls = models.get('gpt')`."""
 
+from models import block_sparse  # pylint: disable=unused-import  (registers its kernel)
 from models import gpt
 
 MODELS = {

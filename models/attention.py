@@ -10,26 +10,31 @@ Dimension legend (tensors carry their shape as a suffix, e.g. `q_BTNH`):
 
     attention(q, k, v) = softmax(score(q, k) + bias, where mask) · v
 
-Two parts are picked by name from small registries, so variants plug in without branching:
-  * SCORES: how a query and a key become a logit ('scaled_dot', 'dot'; additive scores
-    and relative-position biases register here later);
-  * KERNELS: how the whole computation runs: 'xla' (explicit einsums, the reference) or
-    'cudnn' (the fused kernel behind `jax.nn.dot_product_attention`).
+Three parts are picked by name from small registries, so variants plug in without branching:
+  * SCORES: how a query and a key become a logit: 'scaled_dot', 'dot', 'general' (q·W·k)
+    and 'additive' (vᵀ·tanh(W·q + U·k)), each a small Flax module;
+  * MASKS: which keys a query sees: 'bidirectional', 'causal', 'prefix_lm',
+    'sliding_window', 'bigbird' (settings in a frozen dataclass);
+  * KERNELS: how the whole computation runs: 'xla' (explicit einsums, the reference),
+    'cudnn' (the fused kernel behind `jax.nn.dot_product_attention`) and 'block_sparse'
+    (models/block_sparse.py: only the blocks of a block-structured mask).
 
 Masks are boolean `[B, 1, T, S]` arrays, True where a query may attend to a key, and are
-combined with `&`. A query row with no visible key (padding) yields zeros, never NaN.
+combined with `&` (e.g. a MASKS entry & `segment_mask` for packed documents). A query row
+with no visible key (padding) yields zeros, never NaN.
 """
 
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 from absl import logging
 import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -71,6 +76,81 @@ def padding_mask(q_valid_BT: Array, kv_valid_BS: Array | None = None) -> Array:
   return segment_mask(q_valid_BT.astype(jnp.int32), kv_valid_BS.astype(jnp.int32))
 
 
+def bidirectional_mask(q_index_BT: Array, kv_index_BS: Array | None = None) -> Array:
+  """True everywhere (encoders): `[B, 1, T, S]`."""
+  kv_index_BS = q_index_BT if kv_index_BS is None else kv_index_BS
+  batch_size = max(q_index_BT.shape[0], kv_index_BS.shape[0])
+  return jnp.ones((batch_size, 1, q_index_BT.shape[1], kv_index_BS.shape[1]), jnp.bool_)
+
+
+def prefix_lm_mask(q_index_BT: Array, prefix_lengths_B: Array,
+                   kv_index_BS: Array | None = None) -> Array:
+  """Causal, except that row b's first `prefix_lengths_B[b]` slots all see each other.
+
+  The prefix LM of Raffel et al. 2020 (T5, sec. 3.2.1): the prefix (an input, a prompt)
+  is read bidirectionally, the rest is predicted left to right. `[B, 1, T, S]`.
+  """
+  kv_index_BS = q_index_BT if kv_index_BS is None else kv_index_BS
+  in_prefix_B11S = kv_index_BS[:, None, None, :] < prefix_lengths_B[:, None, None, None]
+  return causal_mask(q_index_BT, kv_index_BS) | in_prefix_B11S
+
+
+def sliding_window_mask(q_index_BT: Array, kv_index_BS: Array | None = None, *, window: int,
+                        causal: bool = False) -> Array:
+  """True where key and query are fewer than `window` slots apart: `[B, 1, T, S]`.
+
+  |i - j| < window (Longformer's local attention); with `causal`, 0 <= i - j < window
+  (Mistral's), so each query sees itself and the window - 1 slots before it.
+  """
+  kv_index_BS = q_index_BT if kv_index_BS is None else kv_index_BS
+  distance_B1TS = q_index_BT[:, None, :, None] - kv_index_BS[:, None, None, :]
+  near_B1TS = jnp.abs(distance_B1TS) < window
+  return near_B1TS & (distance_B1TS >= 0) if causal else near_B1TS
+
+
+def bigbird_layout(num_q_blocks: int, num_kv_blocks: int, *, window: int, num_global: int,
+                   num_random: int, seed: int, causal: bool) -> np.ndarray:
+  """Which key blocks each query block sees: a static numpy bool `[T/b, S/b]`.
+
+  BigBird-ITC (Zaheer et al. 2020): block i sees its neighbours |i - j| <= window, the
+  first `num_global` blocks (which in turn see every block), and `num_random` more blocks
+  drawn with `seed`. Causal: only blocks j <= i, random ones drawn from the past. Row i's
+  draw depends on (seed, i) and its candidates only, so a causal layout for more blocks
+  extends the one for fewer: decoding over a longer KV cache sees the same blocks.
+  """
+  q_R1 = np.arange(num_q_blocks)[:, None]
+  kv_1C = np.arange(num_kv_blocks)[None, :]
+  visible_RC = (np.abs(q_R1 - kv_1C) <= window) | (kv_1C < num_global) | (q_R1 < num_global)
+  allowed_RC = kv_1C <= q_R1 if causal else np.ones_like(visible_RC)
+  visible_RC &= allowed_RC
+  for row in range(num_q_blocks if num_random else 0):
+    candidates = np.flatnonzero(allowed_RC[row] & ~visible_RC[row])
+    if candidates.size:
+      rng = np.random.default_rng((seed, row))
+      picked = rng.choice(candidates, min(num_random, candidates.size), replace=False)
+      visible_RC[row, picked] = True
+  return visible_RC
+
+
+def bigbird_mask(q_index_BT: Array, kv_index_BS: Array | None = None, *, block_size: int,
+                 window: int = 1, num_global: int = 1, num_random: int = 1, seed: int = 0,
+                 causal: bool = False) -> Array:
+  """`bigbird_layout` at token granularity (and causal within a block): `[B, 1, T, S]`.
+
+  Slots must lie below max(T, S), as they do in self-attention and for a chunk of queries
+  over a KV cache: the layout is built for that many slots.
+  """
+  kv_index_BS = q_index_BT if kv_index_BS is None else kv_index_BS
+  num_blocks = -(-max(q_index_BT.shape[1], kv_index_BS.shape[1]) // block_size)
+  layout_RC = jnp.asarray(bigbird_layout(
+      num_blocks, num_blocks, window=window, num_global=num_global, num_random=num_random,
+      seed=seed, causal=causal))
+  q_block_B1T1 = (q_index_BT // block_size)[:, None, :, None]
+  kv_block_B11S = (kv_index_BS // block_size)[:, None, None, :]
+  mask_B1TS = layout_RC[q_block_B1T1, kv_block_B11S]
+  return mask_B1TS & causal_mask(q_index_BT, kv_index_BS) if causal else mask_B1TS
+
+
 def sequence_index(batch_size: int, length: int, offset: Array | int = 0) -> Array:
   """`offset + [0, 1, ..., length-1]` for every row: `[B, T]` int32 slots."""
   index_T = offset + jnp.arange(length, dtype=jnp.int32)
@@ -80,6 +160,164 @@ def sequence_index(batch_size: int, length: int, offset: Array | int = 0) -> Arr
 def _has_visible_key(mask_B1TS: Array) -> Array:
   """`[B, 1, T, 1]`: whether each query row may attend to anything at all."""
   return jnp.any(mask_B1TS, axis=-1, keepdims=True)
+
+
+class Mask(Protocol):
+  """The settings of a mask, picked by name from MASKS (`GPTConfig.mask`).
+
+  A mask is built from slots, `mask(q_index_BT, kv_index_BS)`, so one mask serves a whole
+  sequence and a chunk of queries over a KV cache alike. `autoregressive`: no query sees
+  a later key (past a prefix), so a decoder may use it. Masks with a block structure also
+  have `block_size`, `block_layout(num_q_blocks, num_kv_blocks)` (static numpy bool) and
+  `local_mask(q_index_BT, kv_index_BS)` (the token-level mask inside a kept block): the
+  block-sparse kernel computes only those blocks.
+  """
+  autoregressive: bool
+
+  def __call__(self, q_index_BT: Array, kv_index_BS: Array | None = None, *,
+               prefix_lengths_B: Array | None = None) -> Array:
+    ...
+
+
+def _check_no_prefix(mask: Mask, prefix_lengths_B: Array | None) -> None:
+  if prefix_lengths_B is not None:
+    raise ValueError(f"prefix_lengths_B is for the 'prefix_lm' mask, not {mask!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+  # The message starts with the field's name, so GPTConfig can prefix its own.
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+
+
+@dataclasses.dataclass(frozen=True)
+class BidirectionalMask:
+  """Every query sees every key (encoders)."""
+  autoregressive: ClassVar[bool] = False
+
+  def __call__(self, q_index_BT, kv_index_BS=None, *, prefix_lengths_B=None):
+    _check_no_prefix(self, prefix_lengths_B)
+    return bidirectional_mask(q_index_BT, kv_index_BS)
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalMask:
+  """Each query sees the keys at or before its slot (decoders)."""
+  autoregressive: ClassVar[bool] = True
+
+  def __call__(self, q_index_BT, kv_index_BS=None, *, prefix_lengths_B=None):
+    _check_no_prefix(self, prefix_lengths_B)
+    return causal_mask(q_index_BT, kv_index_BS)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixLMMask:
+  """`prefix_lm_mask`: needs `prefix_lengths_B`, one prefix length per row."""
+  autoregressive: ClassVar[bool] = True
+
+  def __call__(self, q_index_BT, kv_index_BS=None, *, prefix_lengths_B=None):
+    if prefix_lengths_B is None:
+      raise ValueError("the 'prefix_lm' mask needs prefix_lengths_B, one length per row")
+    return prefix_lm_mask(q_index_BT, prefix_lengths_B, kv_index_BS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindowMask:
+  """`sliding_window_mask`, tiled for the block-sparse kernel by blocks of `block_size`.
+
+  With blocks of b slots, a window of w reaches ceil((w - 1) / b) blocks either side, so
+  sparse cost is O(T·w) whatever b; `block_size` 0 means b = w.
+  """
+  window: int
+  causal: bool = False
+  block_size: int = 0
+
+  def __post_init__(self):
+    _check_int('window', self.window, 1)
+    _check_int('block_size', self.block_size, 0)
+    if not self.block_size:
+      object.__setattr__(self, 'block_size', self.window)
+
+  @property
+  def autoregressive(self) -> bool:
+    return self.causal
+
+  def __call__(self, q_index_BT, kv_index_BS=None, *, prefix_lengths_B=None):
+    _check_no_prefix(self, prefix_lengths_B)
+    return self.local_mask(q_index_BT, kv_index_BS)
+
+  def local_mask(self, q_index_BT, kv_index_BS=None):
+    return sliding_window_mask(q_index_BT, kv_index_BS, window=self.window, causal=self.causal)
+
+  def block_layout(self, num_q_blocks: int, num_kv_blocks: int) -> np.ndarray:
+    reach = -(-(self.window - 1) // self.block_size)
+    distance_RC = np.arange(num_q_blocks)[:, None] - np.arange(num_kv_blocks)[None, :]
+    near_RC = np.abs(distance_RC) <= reach
+    return near_RC & (distance_RC >= 0) if self.causal else near_RC
+
+
+@dataclasses.dataclass(frozen=True)
+class BigBirdMask:
+  """`bigbird_mask`: blocks of `block_size` slots; window, global and random in blocks."""
+  block_size: int
+  window_blocks: int = 1
+  global_blocks: int = 1
+  random_blocks: int = 1
+  seed: int = 0
+  causal: bool = False
+
+  def __post_init__(self):
+    _check_int('block_size', self.block_size, 1)
+    for name in ('window_blocks', 'global_blocks', 'random_blocks'):
+      _check_int(name, getattr(self, name), 0)
+
+  @property
+  def autoregressive(self) -> bool:
+    return self.causal
+
+  def __call__(self, q_index_BT, kv_index_BS=None, *, prefix_lengths_B=None):
+    _check_no_prefix(self, prefix_lengths_B)
+    return bigbird_mask(q_index_BT, kv_index_BS, block_size=self.block_size,
+                        window=self.window_blocks, num_global=self.global_blocks,
+                        num_random=self.random_blocks, seed=self.seed, causal=self.causal)
+
+  def local_mask(self, q_index_BT, kv_index_BS=None):
+    return (causal_mask if self.causal else bidirectional_mask)(q_index_BT, kv_index_BS)
+
+  def block_layout(self, num_q_blocks: int, num_kv_blocks: int) -> np.ndarray:
+    # Square, as `bigbird_mask` builds it, so random draws agree with the dense mask.
+    num_blocks = max(num_q_blocks, num_kv_blocks)
+    layout_RC = bigbird_layout(num_blocks, num_blocks, window=self.window_blocks,
+                               num_global=self.global_blocks, num_random=self.random_blocks,
+                               seed=self.seed, causal=self.causal)
+    return layout_RC[:num_q_blocks, :num_kv_blocks]
+
+
+MASKS: dict[str, type] = {
+    'bidirectional': BidirectionalMask,
+    'causal': CausalMask,
+    'prefix_lm': PrefixLMMask,
+    'sliding_window': SlidingWindowMask,
+    'bigbird': BigBirdMask,
+}
+
+
+def register_mask(name: str, cls: type) -> None:
+  """Makes a Mask dataclass selectable as `make_mask(name, ...)` and `GPTConfig.mask`."""
+  MASKS[name] = cls
+
+
+def make_mask(name: str, /, **settings: Any) -> Mask:
+  """The mask registered as `name`, built from those of `settings` that it takes.
+
+  The others are dropped, so a config can carry every mask's settings side by side
+  (`window` matters only to 'sliding_window', `block_size` to the block-structured ones).
+  """
+  if name not in MASKS:
+    raise ValueError(f'unknown attention mask {name!r} (known: {", ".join(sorted(MASKS))})')
+  cls = MASKS[name]
+  fields = {field.name for field in dataclasses.fields(cls)}
+  return cls(**{key: value for key, value in settings.items() if key in fields})
 
 
 # ---------------------------------------------------------------------------- scores
@@ -92,10 +330,18 @@ class Score(Protocol):
     ...
 
 
-@dataclasses.dataclass(frozen=True)
-class DotProductScore:
-  """q·k, divided by sqrt(H) when `scaled` (Vaswani et al. 2017, eq. 1)."""
+# Every score is a Flax module built as `SCORES[name](dtype=..., param_dtype=..., name=...)`
+# inside MultiHeadAttention, so a score with parameters (q·W·k, additive) keeps them beside
+# the projections. Parameters are shaped from the inputs' N and H when first called, so a
+# score runs unchanged on any T and S (the block-sparse kernel calls it on blocks). The
+# parameter-free ones may also be called unbound, e.g. by `attend(score='dot')`.
+
+
+class DotProductScore(nn.Module):
+  """q·k, divided by sqrt(H) when `scaled` (Vaswani et al. 2017, eq. 1); no parameters."""
   scaled: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   def scale(self, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if self.scaled else 1.0
@@ -107,21 +353,99 @@ class DotProductScore:
     return logits_BNTS * self.scale(q_BTNH.shape[-1])
 
 
-SCORES: dict[str, Score] = {
-    'scaled_dot': DotProductScore(scaled=True),
-    'dot': DotProductScore(scaled=False),
+def _scaled_identity(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+  """`[N, H, H]` copies of I/sqrt(H): a bilinear score that starts as the scaled dot."""
+  del key  # Deterministic.
+  num_heads, head_dim, _ = shape
+  eye_HH = jnp.eye(head_dim, dtype=dtype) / math.sqrt(head_dim)
+  return jnp.broadcast_to(eye_HH, (num_heads, head_dim, head_dim))
+
+
+class BilinearScore(nn.Module):
+  """Luong et al. 2015's 'general' score q·W·k, with a learned `W` `[N, H, H]` per head.
+
+  W starts as I/sqrt(H), i.e. as the scaled dot product, so swapping scores does not also
+  change where training starts.
+  """
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = _scaled_identity
+
+  @nn.compact
+  def __call__(self, q_BTNH: Array, k_BSNH: Array) -> Array:
+    num_heads, head_dim = q_BTNH.shape[-2:]
+    w_NHG = self.param(
+        'kernel', nn.with_logical_partitioning(self.kernel_init, ('heads', 'kv', None)),
+        (num_heads, head_dim, head_dim), self.param_dtype)
+    # (q·W)·k: one [T, H] x [H, H] product per head, then the usual dot with the keys.
+    qw_BTNG = jnp.einsum('btnh,nhg->btng', q_BTNH, w_NHG.astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+    return jnp.einsum('btng,bsng->bnts', qw_BTNG, k_BSNH.astype(jnp.float32))
+
+
+class AdditiveScore(nn.Module):
+  """Bahdanau et al. 2015's additive score vᵀ·tanh(W·q + U·k), per head.
+
+  W, U: `[N, H, A]`, v: `[N, A]`, with A = `features` (default H). The tanh does not
+  factor, so it materialises `[B, T, S, N, A]` floats: O(T·S·N·A) memory, A times the
+  logits' own. Fine for small models and for the block-sparse kernel's blocks; at long
+  lengths use a dot-product score.
+  """
+  features: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1,
+                                                          batch_axis=(0,))
+
+  @nn.compact
+  def __call__(self, q_BTNH: Array, k_BSNH: Array) -> Array:
+    num_heads, head_dim = q_BTNH.shape[-2:]
+    features = self.features or head_dim
+
+    def param(name, init, shape, axes):
+      return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                        self.param_dtype).astype(self.dtype)
+
+    w_shape = (num_heads, head_dim, features)
+    w_NHA = param('query_kernel', self.kernel_init, w_shape, ('heads', 'kv', None))
+    u_NHA = param('key_kernel', self.kernel_init, w_shape, ('heads', 'kv', None))
+    v_NA = param('vector', nn.initializers.lecun_normal(in_axis=-1, out_axis=-2),
+                 (num_heads, features), ('heads', None))
+    wq_BTNA = jnp.einsum('btnh,nha->btna', q_BTNH, w_NHA, preferred_element_type=jnp.float32)
+    uk_BSNA = jnp.einsum('bsnh,nha->bsna', k_BSNH, u_NHA, preferred_element_type=jnp.float32)
+    hidden_BTSNA = jnp.tanh(wq_BTNA[:, :, None] + uk_BSNA[:, None])
+    return jnp.einsum('btsna,na->bnts', hidden_BTSNA, v_NA.astype(jnp.float32))
+
+
+ScoreBuilder = Callable[..., Score]
+
+SCORES: dict[str, ScoreBuilder] = {
+    'scaled_dot': functools.partial(DotProductScore, scaled=True),
+    'dot': functools.partial(DotProductScore, scaled=False),
+    'general': BilinearScore,
+    'additive': AdditiveScore,
 }
 
 
-def register_score(name: str, score: Score) -> None:
-  """Makes `score` selectable as `MultiHeadAttention(score=name)`."""
-  SCORES[name] = score
+def register_score(name: str, builder: ScoreBuilder) -> None:
+  """Makes a score selectable as `MultiHeadAttention(score=name)`.
+
+  `builder(dtype=..., param_dtype=..., name=...)` returns the score, usually a Flax module
+  class (or a `functools.partial` of one with its settings).
+  """
+  SCORES[name] = builder
+
+
+def build_score(name: str, /, **kwargs: Any) -> Score:
+  """`SCORES[name](**kwargs)`: inside a module, pass `name=` to place its parameters."""
+  if name not in SCORES:
+    raise ValueError(f'unknown attention score {name!r} (known: {", ".join(sorted(SCORES))})')
+  return SCORES[name](**kwargs)
 
 
 def get_score(name: str) -> Score:
-  if name not in SCORES:
-    raise ValueError(f'unknown attention score {name!r} (known: {", ".join(sorted(SCORES))})')
-  return SCORES[name]
+  """The score registered as `name`, built unbound: the parameter-free ones run as is."""
+  return build_score(name)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -132,17 +456,22 @@ class Kernel(Protocol):
 
   `dropout` (or None) is applied to the attention probabilities; `bias_BNTS` is added to
   the logits (relative positions, ALiBi). Query rows without a visible key give zeros.
+  `pattern` (or None) is the block-structured Mask that `mask_B1TS` lies within (queries
+  and keys at slots 0.., as in self-attention over a whole sequence): dense kernels ignore
+  it, sparse kernels compute only its blocks (and use it as the mask when `mask_B1TS` is
+  None).
   """
 
   def __call__(self, q_BTNH: Array, k_BSNH: Array, v_BSNH: Array, *, score: Score,
                mask_B1TS: Array | None, bias_BNTS: Array | None,
-               dropout: Callable[[Array], Array] | None) -> Array:
+               dropout: Callable[[Array], Array] | None, pattern: Mask | None) -> Array:
     ...
 
 
 def xla_kernel(q_BTNH, k_BSNH, v_BSNH, *, score, mask_B1TS=None, bias_BNTS=None,
-               dropout=None):
+               dropout=None, pattern=None):
   """The equation as explicit einsums; any score, dropout on the probabilities."""
+  del pattern  # Dense: every block is computed anyway.
   logits_BNTS = score(q_BTNH, k_BSNH)
   if bias_BNTS is not None:
     logits_BNTS = logits_BNTS + bias_BNTS.astype(jnp.float32)
@@ -171,8 +500,12 @@ def _cudnn_unsupported(q_BTNH: Array) -> str | None:
 
 
 def cudnn_kernel(q_BTNH, k_BSNH, v_BSNH, *, score, mask_B1TS=None, bias_BNTS=None,
-                 dropout=None):
-  """`jax.nn.dot_product_attention` with cuDNN; XLA's version where cuDNN cannot run."""
+                 dropout=None, pattern=None):
+  """`jax.nn.dot_product_attention` with cuDNN; XLA's version where cuDNN cannot run.
+
+  Any boolean mask works: it goes to cuDNN as is (broadcast over heads).
+  """
+  del pattern  # Dense, as for 'xla'.
   if not isinstance(score, DotProductScore):
     raise ValueError(f"kernel 'cudnn' computes dot-product scores only, not {score!r}; "
                      "use kernel='xla'")
@@ -203,13 +536,21 @@ def register_kernel(name: str, kernel: Kernel) -> None:
 
 
 def attend(q_BTNH: Array, k_BSNH: Array, v_BSNH: Array, *, mask_B1TS: Array | None = None,
-           bias_BNTS: Array | None = None, score: str = 'scaled_dot', kernel: str = 'xla',
-           dropout: Callable[[Array], Array] | None = None) -> Array:
-  """Attention of projected heads, with score and kernel picked by name: `[B, T, N, H]`."""
+           bias_BNTS: Array | None = None, score: str | Score = 'scaled_dot',
+           kernel: str = 'xla', dropout: Callable[[Array], Array] | None = None,
+           pattern: Mask | None = None) -> Array:
+  """Attention of projected heads, with score and kernel picked by name: `[B, T, N, H]`.
+
+  `score` is a name in SCORES or a built score. A name builds the score unbound, which
+  serves the parameter-free ones; a score with parameters must come built and bound
+  (MultiHeadAttention passes its own).
+  """
   if kernel not in KERNELS:
     raise ValueError(f'unknown attention kernel {kernel!r} (known: {", ".join(sorted(KERNELS))})')
-  return KERNELS[kernel](q_BTNH, k_BSNH, v_BSNH, score=get_score(score), mask_B1TS=mask_B1TS,
-                         bias_BNTS=bias_BNTS, dropout=dropout)
+  if isinstance(score, str):
+    score = get_score(score)
+  return KERNELS[kernel](q_BTNH, k_BSNH, v_BSNH, score=score, mask_B1TS=mask_B1TS,
+                         bias_BNTS=bias_BNTS, dropout=dropout, pattern=pattern)
 
 
 # ---------------------------------------------------------------------------- module
@@ -224,11 +565,17 @@ class MultiHeadAttention(nn.Module):
     dtype: compute dtype; logits and softmax are float32 regardless.
     param_dtype: storage dtype of the parameters.
     dropout_rate: dropout on the attention probabilities and on the output.
-    score: a name in SCORES.
+    score: a name in SCORES; its parameters (if any) live under 'score'.
     kernel: a name in KERNELS.
+    mask: the Mask of self-attention (a MASKS entry, e.g. `make_mask('bigbird', ...)`), or
+      None for causal. Decode mode masks the cache with it; otherwise it is the pattern
+      a sparse kernel computes, which the call's `mask_B1TS` must lie within.
     use_bias: whether the projections have biases (GPT-2 and BERT do, T5 does not).
     kernel_init: initializer of the q/k/v projections.
     out_kernel_init: initializer of the output projection (GPT-2 scales it by depth).
+    position: a positional scheme from positions.py acting inside attention (rotating q
+      and k, biasing the logits, relative keys/values), or None; its hooks read the
+      positions from the call's `position_context`.
   """
   num_heads: int
   head_dim: int
@@ -240,11 +587,14 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   kernel_init: Initializer = nn.initializers.normal(stddev=0.02)
   out_kernel_init: Initializer = nn.initializers.normal(stddev=0.02)
+  position: Any = None
+  mask: Mask | None = None
 
   @nn.compact
   def __call__(self, x_BTD: Array, kv_BSD: Array | None = None, *,
                mask_B1TS: Array | None = None, segment_ids_BT: Array | None = None,
-               deterministic: bool = True, decode: bool = False) -> Array:
+               position_context: Any = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
     """Attends from `x_BTD` to itself, or to `kv_BSD` (cross-attention).
 
     Args:
@@ -257,7 +607,9 @@ class MultiHeadAttention(nn.Module):
       decode: causal self-attention over a KV cache in the 'cache' collection. The first
         call (inside `init`) shapes the cache from `x_BTD` as `[B, S_max, ...]`; each later
         call writes a chunk of T >= 1 new tokens at `cache_index` and attends to every
-        cached slot up to its own (and of the same segment).
+        cached slot up to its own (and of the same segment) that `mask` lets it see.
+      position_context: a `relative.PositionContext` (query and key position ids, what
+        the stack's layers share) for the `position` scheme's hooks.
 
     Returns:
       `[B, T, D]` in `dtype`.
@@ -275,6 +627,9 @@ class MultiHeadAttention(nn.Module):
     q_BTNH = self._project_in('query', x_BTD)
     k_BSNH = self._project_in('key', kv_BSD)
     v_BSNH = self._project_in('value', kv_BSD)
+    if self.position is not None:
+      # Before the cache: cached keys keep the rotation of their own position (RoPE).
+      q_BTNH, k_BSNH = self.position.rotate(q_BTNH, k_BSNH, position_context, decode=decode)
     if decode:
       k_BSNH, v_BSNH, mask_B1TS = self._update_cache(k_BSNH, v_BSNH, segment_ids_BT)
 
@@ -282,8 +637,21 @@ class MultiHeadAttention(nn.Module):
     if self.dropout_rate > 0 and not deterministic:
       dropout = functools.partial(nn.Dropout(self.dropout_rate, name='attention_dropout'),
                                   deterministic=False)
-    out_BTNH = attend(q_BTNH, k_BSNH, v_BSNH, mask_B1TS=mask_B1TS, score=self.score,
-                      kernel=self.kernel, dropout=dropout)
+    score = build_score(self.score, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name='score')
+    # Over the cache the queries' slots are traced, so no block layout is known when
+    # compiling: sparse kernels then attend densely over the (masked) cache.
+    attend_fn = functools.partial(attend, mask_B1TS=mask_B1TS, score=score,
+                                  kernel=self.kernel, dropout=dropout,
+                                  pattern=None if decode else self.mask)
+    if self.position is None:
+      out_BTNH = attend_fn(q_BTNH, k_BSNH, v_BSNH)
+    else:
+      # The scheme adds its bias (`attend_fn(..., bias_BNTS=)`), or relative keys/values.
+      out_BTNH = self.position.attend(
+          q_BTNH, k_BSNH, v_BSNH, position_context, attend=attend_fn, mask_B1TS=mask_B1TS,
+          score=self.score, kernel=self.kernel, dropout=dropout, dtype=self.dtype,
+          param_dtype=self.param_dtype)
     out_BTNH = nn.with_logical_constraint(out_BTNH, ('batch', 'length', 'heads', 'kv'))
 
     out_BTD = nn.DenseGeneral(
@@ -338,8 +706,8 @@ class MultiHeadAttention(nn.Module):
     cache_index.value = index + length
 
     cache_len = cached_key.value.shape[1]
+    mask = CausalMask() if self.mask is None else self.mask
     mask_B1TS = (
-        causal_mask(sequence_index(batch_size, length, index),
-                    sequence_index(batch_size, cache_len))
+        mask(sequence_index(batch_size, length, index), sequence_index(batch_size, cache_len))
         & segment_mask(segment_ids_BT, cached_segment_ids.value))
     return cached_key.value, cached_value.value, mask_B1TS

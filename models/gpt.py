@@ -1,6 +1,6 @@
 """GPT-2 style decoder-only language model (Radford et al. 2019).
 
-    h_0 = dropout(W_e[tokens] + W_p[positions])
+    h_0 = dropout(W_e[tokens] + W_p[positions])   or another scheme of positions.py
     h_l = h_{l-1} + Attn(LN(h_{l-1}))      causal (and within a packed document)
     h_l = h_l + Mlp(LN(h_l))
     logits = LN(h_L) W_e^T                 the output projection is the token embedding
@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from models import attention
+from models import block_sparse  # pylint: disable=unused-import  (registers 'block_sparse')
 from models import layers
 from models import positions as positions_lib
+from models import relative
 
 Array = jax.Array
 
@@ -37,6 +39,20 @@ class GPTConfig:
   attention: str = 'scaled_dot'
   kernel: str = 'xla'
   position: str = 'learned'
+  # Settings of the positional schemes (each takes those it names, see positions.py).
+  relative_window: int = 16  # shaw: the clipping distance k.
+  relative_buckets: int = 32  # t5, deberta: buckets (rows of the relative table).
+  relative_max_distance: int = 128  # t5, deberta: where the log-spaced buckets end.
+  rope_base: float = 10000.0  # rope: the wavelengths' base.
+  # The attention mask: a name in attention.MASKS, always in its causal variant. Its
+  # settings (each mask takes those it names); 'prefix_lm' takes `prefix_lengths_B`.
+  mask: str = 'causal'
+  window: int = 0  # sliding_window: slots each query sees, itself included.
+  block_size: int = 0  # bigbird: slots per block; sliding_window: sparse tile (0: window).
+  window_blocks: int = 1  # bigbird: neighbouring blocks seen on each side.
+  global_blocks: int = 1  # bigbird: leading blocks every block sees.
+  random_blocks: int = 1  # bigbird: random earlier blocks each block sees.
+  mask_seed: int = 0  # bigbird: seed of the random blocks.
 
   def __post_init__(self):
     for name in ('vocab_size', 'max_len', 'num_layers', 'num_heads', 'embed_dim', 'mlp_dim'):
@@ -58,12 +74,36 @@ class GPTConfig:
         raise ValueError(f'GPTConfig.{name} must name a floating dtype such as '
                          f"'float32' or 'bfloat16', got {value!r}")
     registries = (('attention', attention.SCORES), ('kernel', attention.KERNELS),
-                  ('position', positions_lib.POSITIONS))
+                  ('position', positions_lib.POSITIONS), ('mask', attention.MASKS))
     for name, registry in registries:
       value = getattr(self, name)
       if value not in registry:
         raise ValueError(f'GPTConfig.{name}={value!r} is not one of: '
                          f'{", ".join(sorted(registry))}')
+    # Every scheme checks its settings, so a bad one fails even while another is picked.
+    for name in positions_lib.POSITIONS:
+      try:
+        positions_lib.make(name, dataclasses.asdict(self))
+      except ValueError as e:
+        raise ValueError(f'GPTConfig.{e}') from e
+    try:
+      mask = self.mask_pattern
+    except ValueError as e:  # The mask's message starts with the setting's name.
+      raise ValueError(f'GPTConfig.{e}') from e
+    if not mask.autoregressive:
+      raise ValueError(f'GPTConfig.mask={self.mask!r} lets tokens see later ones; a GPT '
+                       'needs a causal mask')
+
+  @property
+  def mask_pattern(self) -> 'attention.Mask':  # Quoted: the field `attention` shadows it.
+    """The attention mask `mask` with its settings, in its causal variant."""
+    return attention.make_mask(self.mask, **dataclasses.asdict(self), causal=True,
+                               seed=self.mask_seed)
+
+  @property
+  def position_scheme(self) -> positions_lib.NoPositions:
+    """The positional scheme `position` with its settings."""
+    return positions_lib.make(self.position, dataclasses.asdict(self))
 
   @property
   def head_dim(self) -> int:
@@ -76,7 +116,8 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, *, mask_B1TS: Array | None, segment_ids_BT: Array | None,
-               deterministic: bool, decode: bool) -> Array:
+               deterministic: bool, decode: bool,
+               position_context: relative.PositionContext | None = None) -> Array:
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2L),
@@ -87,9 +128,10 @@ class DecoderBlock(nn.Module):
     h_BTD = attention.MultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype, param_dtype=param_dtype,
         dropout_rate=cfg.dropout_rate, score=cfg.attention, kernel=cfg.kernel,
-        out_kernel_init=residual_init, name='attention')(
+        out_kernel_init=residual_init, position=cfg.position_scheme,
+        mask=cfg.mask_pattern, name='attention')(
             h_BTD, mask_B1TS=mask_B1TS, segment_ids_BT=segment_ids_BT,
-            deterministic=deterministic, decode=decode)
+            position_context=position_context, deterministic=deterministic, decode=decode)
     x_BTD = x_BTD + h_BTD
 
     h_BTD = layers.LayerNorm(dtype=dtype, param_dtype=param_dtype, name='ln_mlp')(x_BTD)
@@ -107,8 +149,8 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: Array, *, segment_ids_BT: Array | None = None,
-               positions_BT: Array | None = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
+               positions_BT: Array | None = None, prefix_lengths_B: Array | None = None,
+               deterministic: bool = True, decode: bool = False) -> Array:
     """Logits `[B, T, V]` (float32) of the token following each position.
 
     Args:
@@ -117,6 +159,8 @@ class GPT(nn.Module):
         document. None: one document per row.
       positions_BT: position ids (restarting at 0 per packed document). None: 0..T-1, or
         in decode mode the cache's next positions.
+      prefix_lengths_B: with `mask='prefix_lm'`, the length of each row's prefix, read
+        bidirectionally (Raffel et al. 2020); not in decode mode. Other masks take None.
       deterministic: disables dropout (pass rngs={'dropout': ...} otherwise).
       decode: run over the KV cache in the 'cache' collection (see
         `attention.MultiHeadAttention`): `init` with a `[B, S_max]` dummy input shapes it,
@@ -132,16 +176,29 @@ class GPT(nn.Module):
     embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
                          name='token_embed')
     x_BTD = embed(tokens_BT)
-    x_BTD = x_BTD + positions_lib.get(cfg.position)(
-        max_len=cfg.max_len, features=cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
-        name='position_embed')(positions_BT)
+    scheme = cfg.position_scheme
+    position_BTD = scheme.embed(positions_BT, max_len=cfg.max_len, features=cfg.embed_dim,
+                                dtype=dtype, param_dtype=param_dtype)
+    if position_BTD is not None:
+      x_BTD = x_BTD + position_BTD
+    # Schemes inside attention read position ids (never slots, see relative.py), for the
+    # keys from the cache when decoding; what they share is computed here, once.
+    position_context = relative.PositionContext(
+        positions_BT, self._key_positions(positions_BT, next_positions_BT, decode))
+    position_context = position_context.replace(shared=scheme.shared(
+        position_context, num_heads=cfg.num_heads, features=cfg.embed_dim,
+        bidirectional=False, dtype=dtype, param_dtype=param_dtype))
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
 
     # Decoding masks against the cache inside each attention layer; so it hands the
     # segment ids down instead of a mask.
     mask_B1TS = None
+    if decode and prefix_lengths_B is not None:
+      raise NotImplementedError('prefix-LM decoding is not supported: run the prefix in '
+                                'a full forward pass')
     if not decode:
-      mask_B1TS = attention.causal_mask(attention.sequence_index(batch_size, length))
+      mask_B1TS = cfg.mask_pattern(attention.sequence_index(batch_size, length),
+                                   prefix_lengths_B=prefix_lengths_B)
       if segment_ids_BT is not None:
         mask_B1TS &= attention.segment_mask(segment_ids_BT)
       segment_ids_BT = None
@@ -149,7 +206,7 @@ class GPT(nn.Module):
     for i in range(cfg.num_layers):
       x_BTD = DecoderBlock(cfg, name=f'block_{i}')(
           x_BTD, mask_B1TS=mask_B1TS, segment_ids_BT=segment_ids_BT,
-          deterministic=deterministic, decode=decode)
+          deterministic=deterministic, decode=decode, position_context=position_context)
 
     x_BTD = layers.LayerNorm(dtype=dtype, param_dtype=param_dtype, name='ln_final')(x_BTD)
     return embed.attend(x_BTD)
@@ -165,3 +222,20 @@ class GPT(nn.Module):
     start = index.value
     index.value = start + length
     return attention.sequence_index(batch_size, length, start)
+
+  def _key_positions(self, positions_BT: Array, slots_BT: Array, decode: bool) -> Array:
+    """The keys' position ids: the queries' own, or in decode mode all cached ones `[B, S]`.
+
+    The cache of position ids sits beside the layers' KV caches and is written at the
+    same slots (`slots_BT`, from `_next_positions`), so left-padded rows keep their own.
+    """
+    if not decode:
+      return positions_BT
+    initialized = self.has_variable('cache', 'cached_positions')
+    cached = self.variable('cache', 'cached_positions', jnp.zeros, positions_BT.shape,
+                           jnp.int32)
+    if not initialized:
+      return positions_BT
+    cached.value = jax.lax.dynamic_update_slice(
+        cached.value, positions_BT.astype(jnp.int32), (0, slots_BT[0, 0]))
+    return cached.value

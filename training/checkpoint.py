@@ -8,6 +8,7 @@ a crash mid-save never leaves a checkpoint that looks complete.
 from collections.abc import Mapping
 import json
 import os
+import time
 from typing import Any
 
 import grain
@@ -90,6 +91,35 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, state_shardi
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
   return restored['state']
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, state_shardings,
+                   data_iterator=None):
+  """(state, step) from the newest checkpoint that restores, or (None, None) if none exists.
+
+  A damaged checkpoint (a truncated or unreadable array file) is reported and moved aside to
+  `<step>.damaged-<time>`, so it is neither retried nor in the way of the step being saved again;
+  the next older one is tried. A checkpoint of a different model is not damage: that error
+  propagates.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return restore(mngr, step, abstract_state, state_shardings, data_iterator), step
+    except IncompatibleCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (any read failure means damage)
+      quarantine(mngr, step, e)
+  return None, None
+
+
+def quarantine(mngr: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  source = os.path.join(str(mngr.directory), str(step))
+  target = f'{source}.damaged-{int(time.time())}'
+  if jax.process_index() == 0 and os.path.exists(source):
+    os.replace(source, target)
+  print(f'checkpoint {source} is damaged ({type(error).__name__}: {str(error)[:300]}); '
+        f'moved it to {target} and falling back to an older one', flush=True)
+  mngr.reload()
 
 
 def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import objectives
 from training import checkpoint
 from training import metrics as metrics_lib
 from training import optimizer as optimizer_lib
+from training import preemption
 from training import sharding
 from training import step as step_lib
 
@@ -133,14 +134,23 @@ def check_workdir(workdir: str) -> None:
     raise PermissionError(f'--workdir={workdir} is not writable: {e}') from e
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
+class NonFiniteError(FloatingPointError):
+  """A step produced a NaN or Inf loss or gradient."""
 
-  Returns the final validation report.
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains to `config.train.num_steps`, resuming from the latest good checkpoint in `workdir`.
+
+  Returns the final validation report. On SIGTERM it saves the current step and returns
+  early (`Preempted` is printed); on a non-finite step it stops (NonFiniteError) or skips
+  the update, as `config.train.on_nonfinite` says.
   """
   check_workdir(workdir)
   exp = build(config)
   train_cfg = config.train
+  if train_cfg.on_nonfinite not in ('stop', 'skip'):
+    raise ValueError(f"config.train.on_nonfinite={train_cfg.on_nonfinite!r} must be 'stop' "
+                     "or 'skip'")
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
@@ -148,13 +158,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       shard_count=jax.process_count())
   abstract, state_shardings = exp.abstract_state()
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep_checkpoints)
-  latest = mngr.latest_step()
-  if latest is None:
+  state, start = checkpoint.restore_latest(mngr, abstract, state_shardings, data_iter)
+  if state is None:
     rng = jax.random.key(config.seed)
     state, _ = step_lib.create_state(rng, exp.model, exp.tx, exp.sample_inputs, exp.mesh, exp.rules)
+    start = 0
   else:
-    state = checkpoint.restore(mngr, latest, abstract, state_shardings, data_iter)
-    print(f'Resumed from {mngr.directory} at step {latest}.', flush=True)
+    print(f'Resumed from {mngr.directory} at step {start}.', flush=True)
 
   batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
   train_step = step_lib.jit_train_step(
@@ -163,51 +173,102 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_step = eval_fn(exp, state_shardings)
   valid_batches = eval_split(exp, 'validation')
   writer = metrics_lib.MetricWriter(workdir)
-
-  start = int(jax.device_get(state.step))
+  log = _TrainLog(exp, writer, train_cfg.on_nonfinite)
   bar = metrics_lib.progress_bar(start, train_cfg.num_steps)
-  pending, tokens, tick = [], 0.0, time.perf_counter()
   report, throttle = {}, Throttle()
-  with jax.set_mesh(exp.mesh):
-    for step in range(start + 1, train_cfg.num_steps + 1):
-      batch = next(data_iter)
-      state, step_metrics = train_step(state, sharding.global_batch(batch, batch_sharding))
-      pending.append(step_metrics)
-      throttle(step_metrics)
-      tokens += float(np.sum(batch['segment_ids'] != 0)) * jax.process_count()
+  try:
+    with jax.set_mesh(exp.mesh), preemption.Preemption(train_cfg.preemption_grace_seconds) as pre:
+      for step in range(start + 1, train_cfg.num_steps + 1):
+        batch = next(data_iter)
+        state, step_metrics = train_step(state, sharding.global_batch(batch, batch_sharding))
+        log.add(step, step_metrics, tokens=np.sum(batch['segment_ids'] != 0) * jax.process_count())
+        throttle(step_metrics)
+        bar.update(1)
 
-      if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
-        summary = _summarize_train(exp, pending)
-        elapsed = time.perf_counter() - tick
-        summary['tokens_per_sec'] = tokens / max(elapsed, 1e-9)
-        writer.write(step, 'train', summary)
-        bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
-        pending, tokens, tick = [], 0.0, time.perf_counter()
-      bar.update(1)
-
-      final = step == train_cfg.num_steps
-      if step % train_cfg.eval_every == 0 or final:
-        report = evaluate(exp, state.params, valid_batches, eval_step)
-        writer.write(step, 'validation', report)
-        bar.write(f'step {step}: validation ' + _format(report))
-      if step % train_cfg.checkpoint_every == 0 or final:
-        checkpoint.save(mngr, step, state, data_iter, config.to_dict())
-      if not pending:  # Throughput counts training alone, not evaluation or saving.
-        tokens, tick = 0.0, time.perf_counter()
-  bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
+        final = step == train_cfg.num_steps
+        preempted = pre.requested  # read once: the signal may land at any moment
+        boundary = {
+            'log': step % train_cfg.log_every == 0 or final,
+            'eval': step % train_cfg.eval_every == 0 or final,
+            'save': step % train_cfg.checkpoint_every == 0 or final or preempted,
+        }
+        if any(boundary.values()):
+          # Before anything is evaluated or saved: stop here if a step went non-finite.
+          summary = log.flush(write=boundary['log'])
+          if summary:
+            bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
+        if boundary['eval']:
+          report = evaluate(exp, state.params, valid_batches, eval_step)
+          writer.write(step, 'validation', report)
+          bar.write(f'step {step}: validation ' + _format(report))
+        if boundary['save']:
+          checkpoint.save(mngr, step, state, data_iter, config.to_dict())
+        if preempted:
+          mngr.wait_until_finished()
+          bar.write(f'Preempted: saved step {step}; re-run the same command to continue.')
+          break
+        log.restart_clock()  # throughput counts training alone, not evaluation or saving
+  finally:
+    # Whatever stopped the loop, checkpoints already started are completed and committed.
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
   return report
 
 
-def _summarize_train(exp: Experiment, pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """The objective's report over all logged steps' sums, plus the last step's scalars."""
-  pending = jax.device_get(pending)
-  summed = exp.objective.summarize(step_lib.sum_metrics([m['sums'] for m in pending]))
-  last = pending[-1]
-  summed.update(grad_norm=float(last['grad_norm']), learning_rate=float(last['learning_rate']))
-  return summed
+class _TrainLog:
+  """Collects per-step metrics on device; checks each step once; writes windowed summaries."""
+
+  def __init__(self, exp: Experiment, writer: metrics_lib.MetricWriter, on_nonfinite: str):
+    self._exp, self._writer, self._on_nonfinite = exp, writer, on_nonfinite
+    self._pending: list[tuple[int, dict]] = []  # on device, not yet checked
+    self._good: list[dict] = []                 # checked, on host, not yet written
+    self._last_step = 0
+    self._tokens = 0.0
+    self.skipped = 0
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    if not self._pending and not self._good:
+      self._tokens, self._tick = 0.0, time.perf_counter()
+
+  def add(self, step: int, metrics: dict, tokens: float) -> None:
+    self._pending.append((step, metrics))
+    self._tokens += float(tokens)
+
+  def flush(self, write: bool) -> dict[str, float] | None:
+    """Checks the new steps; with `write`, logs the window's summary and starts a new one."""
+    for step, m in jax.device_get(self._pending):
+      self._last_step = step
+      # The loss first: a non-finite loss explains the gradients that follow from it.
+      bad = [name for name in sorted(m['finite'], key=lambda n: (n != 'loss', n))
+             if not m['finite'][name]]
+      if not bad:
+        self._good.append(m)
+      elif self._on_nonfinite == 'skip':
+        self.skipped += 1
+      else:
+        raise NonFiniteError(
+            f'step {step}: {bad[0]} is not finite ({len(bad)} non-finite quantities: '
+            f'{", ".join(bad[:5])}{", ..." if len(bad) > 5 else ""}). The update was not '
+            'applied and nothing after the last checkpoint was saved; set '
+            'config.train.on_nonfinite=skip to skip such steps instead.')
+    self._pending = []
+    if not write:
+      return None
+    summary = {}
+    if self._good:
+      summary = self._exp.objective.summarize(
+          step_lib.sum_metrics([m['sums'] for m in self._good]))
+      summary.update(grad_norm=float(self._good[-1]['grad_norm']),
+                     learning_rate=float(self._good[-1]['learning_rate']))
+    summary['tokens_per_sec'] = self._tokens / max(time.perf_counter() - self._tick, 1e-9)
+    summary['skipped_steps'] = float(self.skipped)
+    self._writer.write(self._last_step, 'train', summary)
+    had_good, self._good = bool(self._good), []
+    self.restart_clock()
+    return summary if had_good else None
 
 
 def _format(report: dict[str, float]) -> str:

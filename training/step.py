@@ -50,16 +50,35 @@ def create_state(rng, model, tx, sample_inputs, mesh, rules) -> tuple[TrainState
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: LossFn,
                model: nn.Module, seed: int, learning_rate_fn: Callable[[int], float]):
-  """One optimizer update. The dropout RNG is `fold_in(seed, step)`: reproducible on resume."""
+  """One optimizer update. The dropout RNG is `fold_in(seed, step)`: reproducible on resume.
+
+  A step whose loss or gradients are not all finite leaves params and optimizer state as
+  they were (the step counter still advances); `finite` in the metrics says which quantity
+  failed, so the host can stop with a precise message or count the skipped step.
+  """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def objective(params):
     return loss_fn(params, batch, rng, model=model, deterministic=False)
 
   (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads)
+  finite = finite_flags(loss, grads)
+  ok = jnp.all(jnp.stack(list(finite.values())))
+  updated = state.apply_gradients(grads=grads)
+  keep = lambda new, old: jnp.where(ok, new, old)
+  new_state = updated.replace(params=jax.tree.map(keep, updated.params, state.params),
+                              opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state))
   return new_state, {'sums': metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
-                     'learning_rate': learning_rate_fn(state.step)}
+                     'learning_rate': learning_rate_fn(state.step), 'finite': finite}
+
+
+def finite_flags(loss: jax.Array, grads) -> dict[str, jax.Array]:
+  """{'loss': ..., 'grad/<param path>': ...}: whether each quantity is entirely finite."""
+  flags = {'loss': jnp.isfinite(loss)}
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    flags['grad/' + jax.tree_util.keystr(path, simple=True, separator='/')] = (
+        jnp.all(jnp.isfinite(g)))
+  return flags
 
 
 def eval_step(params, batch: dict[str, jax.Array], totals: dict[str, jax.Array], *,
@@ -88,9 +107,6 @@ def jit_eval_step(param_shardings, batch_sharding, **kwargs):
                  in_shardings=(param_shardings, batch_sharding, None))
 
 
-def sum_metrics(metric_list: list[dict[str, jax.Array]]) -> dict[str, float]:
+def sum_metrics(metric_list: list[dict[str, Any]]) -> dict[str, float]:
   """Adds up per-batch summed metrics on the host."""
-  if not metric_list:
-    return {}
-  total = jax.tree.map(lambda *xs: jnp.sum(jnp.stack(xs)), *metric_list)
-  return {k: float(v) for k, v in total.items()}
+  return {k: float(sum(float(m[k]) for m in metric_list)) for k in metric_list[0]}

@@ -55,7 +55,7 @@ def test_embed_lookup_and_tied_attend_in_float32():
 
 
 def test_learned_positions_look_up_explicit_positions():
-  module = positions.get('learned')(max_len=6, features=4)
+  module = positions.LearnedPositions(max_len=6, features=4)
   restart = jnp.array([[0, 1, 2, 0, 1]])  # A second packed document restarts at 0.
   params, out = _init_apply(module, restart)
   np.testing.assert_array_equal(out[0], params['embedding'][restart[0]])
@@ -66,8 +66,8 @@ def test_learned_positions_look_up_explicit_positions():
 def test_position_registry():
   with pytest.raises(ValueError, match="unknown position encoding 'spiral'"):
     positions.get('spiral')
-  positions.register('learned_copy', positions.LearnedPositions)
+  positions.register('learned_copy', positions.Learned)
   try:
-    assert positions.get('learned_copy') is positions.LearnedPositions
+    assert positions.get('learned_copy') is positions.Learned
   finally:
     del positions.POSITIONS['learned_copy']
