@@ -157,7 +157,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_iter = pipeline.train_iterator(exp.data, exp.tokenizer, shard_index=jax.process_index(),
                                       shard_count=jax.process_count())
   abstract, state_shardings = exp.abstract_state()
-  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep_checkpoints)
+  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep_checkpoints,
+                            writer=True)
   state, start = checkpoint.restore_latest(mngr, abstract, state_shardings, data_iter)
   if state is None:
     rng = jax.random.key(config.seed)

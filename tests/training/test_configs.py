@@ -1,5 +1,6 @@
 """Every config file loads at every size and builds its model (shapes only, no memory)."""
 
+import dataclasses
 import glob
 import importlib
 import os
@@ -24,6 +25,8 @@ def test_config_builds_its_model(module, size):
   config = module.get_config(f'size={size}' if size else None)
   assert config.is_locked
   config_cls, model_cls = models.get(config.model_name)
+  # Every hyperparameter is in the config, so every one can be set from the command line.
+  assert set(config.model) == {f.name for f in dataclasses.fields(config_cls)}
   model = model_cls(config_cls(**config.model))
   tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
   variables = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
