@@ -60,6 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       window=0,                # sliding_window: slots each query sees
       block_size=0,            # bigbird / block_sparse tiles
       window_blocks=1, global_blocks=1, random_blocks=1, mask_seed=0,
+      remat='none',            # none | full | save_dots: recompute activations in backward
+      scan_layers=False,       # nn.scan over the layers (parameters gain a 'layers' axis)
   )
   c.objective = 'causal_lm'
 
@@ -94,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ('heads', None),
       ('kv', None),
       ('vocab', None),
+      ('layers', None),
   )
   c.lock()
   return c

@@ -24,6 +24,14 @@ from models import relative
 Array = jax.Array
 
 
+# What a rematerialised block keeps from the forward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    'none': None,                                            # keep everything (no remat)
+    'full': jax.checkpoint_policies.nothing_saveable,        # keep only the block's input
+    'save_dots': jax.checkpoint_policies.checkpoint_dots,    # keep matmul outputs
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
   """Hyperparameters of a GPT; built from a config as `GPTConfig(**config.model)`."""
@@ -53,6 +61,9 @@ class GPTConfig:
   global_blocks: int = 1  # bigbird: leading blocks every block sees.
   random_blocks: int = 1  # bigbird: random earlier blocks each block sees.
   mask_seed: int = 0  # bigbird: seed of the random blocks.
+  # Memory and compile time (results are the same whichever is chosen):
+  remat: str = 'none'  # recompute activations in the backward pass: none | full | save_dots
+  scan_layers: bool = False  # one nn.scan over stacked layers: compile time flat in depth
 
   def __post_init__(self):
     for name in ('vocab_size', 'max_len', 'num_layers', 'num_heads', 'embed_dim', 'mlp_dim'):
@@ -74,7 +85,8 @@ class GPTConfig:
         raise ValueError(f'GPTConfig.{name} must name a floating dtype such as '
                          f"'float32' or 'bfloat16', got {value!r}")
     registries = (('attention', attention.SCORES), ('kernel', attention.KERNELS),
-                  ('position', positions_lib.POSITIONS), ('mask', attention.MASKS))
+                  ('position', positions_lib.POSITIONS), ('mask', attention.MASKS),
+                  ('remat', REMAT_POLICIES))
     for name, registry in registries:
       value = getattr(self, name)
       if value not in registry:
@@ -111,13 +123,20 @@ class GPTConfig:
 
 
 class DecoderBlock(nn.Module):
-  """One pre-LN block: LN -> causal self-attention -> residual; LN -> MLP -> residual."""
+  """One pre-LN block: LN -> causal self-attention -> residual; LN -> MLP -> residual.
+
+  Arguments are positional so that `nn.remat` can mark the Python flags static
+  (`static_argnums` counts `self`), and a block inside `nn.scan` (`scanned=True`) returns
+  the scan's (carry, output) pair.
+  """
   config: GPTConfig
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD: Array, *, mask_B1TS: Array | None, segment_ids_BT: Array | None,
-               deterministic: bool, decode: bool,
-               position_context: relative.PositionContext | None = None) -> Array:
+  def __call__(self, x_BTD: Array, mask_B1TS: Array | None = None,
+               segment_ids_BT: Array | None = None,
+               position_context: relative.PositionContext | None = None,
+               deterministic: bool = True, decode: bool = False):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2L),
@@ -140,7 +159,17 @@ class DecoderBlock(nn.Module):
         param_dtype=param_dtype, out_kernel_init=residual_init, name='mlp')(
             h_BTD, deterministic=deterministic)
     x_BTD = x_BTD + h_BTD
-    return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+    x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+    return (x_BTD, None) if self.scanned else x_BTD
+
+
+def _block_class(cfg: GPTConfig) -> type[nn.Module]:
+  """DecoderBlock, rematerialised as `cfg.remat` says."""
+  if cfg.remat == 'none':
+    return DecoderBlock
+  return nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat],
+                  prevent_cse=not cfg.scan_layers,  # scan already stops CSE across layers
+                  static_argnums=(5, 6))           # deterministic, decode
 
 
 class GPT(nn.Module):
@@ -203,10 +232,18 @@ class GPT(nn.Module):
         mask_B1TS &= attention.segment_mask(segment_ids_BT)
       segment_ids_BT = None
 
-    for i in range(cfg.num_layers):
-      x_BTD = DecoderBlock(cfg, name=f'block_{i}')(
-          x_BTD, mask_B1TS=mask_B1TS, segment_ids_BT=segment_ids_BT,
-          deterministic=deterministic, decode=decode, position_context=position_context)
+    block_args = (mask_B1TS, segment_ids_BT, position_context, deterministic, decode)
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      # One layer traced once, its parameters and caches stacked on a leading 'layers' axis.
+      stack = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
+                      split_rngs={'params': True, 'dropout': True},
+                      in_axes=(nn.broadcast,) * len(block_args), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BTD, _ = stack(cfg, scanned=True, name='blocks')(x_BTD, *block_args)
+    else:
+      for i in range(cfg.num_layers):
+        x_BTD = block(cfg, name=f'block_{i}')(x_BTD, *block_args)
 
     x_BTD = layers.LayerNorm(dtype=dtype, param_dtype=param_dtype, name='ln_final')(x_BTD)
     return embed.attend(x_BTD)
