@@ -4,11 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DATA   ?= .data
 DEMO   ?= workdirs/demo
+POSITIONS ?= workdirs/positions
 export CONTEXTUAL_DATA_DIR := $(abspath $(DATA))
 # Keep TensorFlow-free TFDS and JAX quiet and on the CPU unless a GPU is present.
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup data demo test test-all bench clean
+.PHONY: setup data demo test test-all bench positions chaos clean
 
 # The environment: a virtualenv with the pinned ranges of pyproject.toml (the project itself
 # runs from the repo root, so only its dependencies are installed).
@@ -47,6 +48,20 @@ bench: setup
 	  name=$$(basename $$f .py); [ "$$name" = __init__ ] && continue; \
 	  echo "== bench.$$name"; $(PY) -m bench.$$name || exit 1; \
 	done
+
+# Issue 3's study: every positional scheme trained at L, evaluated at L, 2L, 4L, then the
+# attention-scaling study; writes docs/positions.md, docs/attention_scaling.md and plots.
+# Re-running skips finished sweep points and resumes an interrupted one.
+positions: data
+	$(PY) -m training.sweep --config=configs/gpt_positions.py --workdir=$(POSITIONS)
+	$(PY) -m training.length_eval --workdir=$(POSITIONS)
+	$(PY) -m training.positions_report --workdir=$(POSITIONS) --out=docs/positions.md
+	$(PY) -m training.scaling_study --out=docs/attention_scaling.md
+
+# Kills a tiny training run 5 times with SIGKILL (some during checkpoint writes), resumes it,
+# and checks it ends bitwise identical to an uninterrupted run. See docs/reliability.md.
+chaos: setup
+	$(PY) -m training.chaos --workdir=workdirs/chaos
 
 clean:
 	rm -rf $(VENV) $(DATA) workdirs

@@ -12,6 +12,7 @@ restored onto whatever devices are present: the mesh becomes data-parallel over 
 import dataclasses
 import json
 import os
+import sys
 import time
 
 from absl import app
@@ -68,13 +69,27 @@ class Evaluator:
   def restore(self, step: int):
     return checkpoint.restore(self.mngr, step, self.abstract, self.shardings)
 
+  def restore_latest(self):
+    """(state, step) of the newest checkpoint that reads back whole.
+
+    Damaged ones are reported and skipped but left in place: moving them aside is the
+    training run's business, and eval.py only reads.
+    """
+    state, step = checkpoint.restore_latest(self.mngr, self.abstract, self.shardings,
+                                            move_damaged=False)
+    if state is None:
+      raise FileNotFoundError(f'no readable checkpoint in {self.mngr.directory} '
+                              f'(steps {sorted(self.mngr.all_steps())} are all damaged)')
+    return state, step
+
   def batches(self, split: str):
     if split not in self._batches:
       self._batches[split] = loop.eval_split(self.exp, split)
     return self._batches[split]
 
-  def evaluate(self, step: int, splits=('validation', 'test')) -> dict[str, dict[str, float]]:
-    state = self.restore(step)
+  def evaluate(self, step: int, splits=('validation', 'test'),
+               state=None) -> dict[str, dict[str, float]]:
+    state = state if state is not None else self.restore(step)
     with jax.set_mesh(self.exp.mesh):
       results = {split: loop.evaluate(self.exp, state.params, self.batches(split), self.step_fn)
                  for split in splits}
@@ -102,8 +117,12 @@ def watch(evaluator: Evaluator) -> None:
   done, last_new = set(), time.time()
   while True:
     evaluator.mngr.reload()
+    # Only committed steps are listed: a `<step>.orbax-checkpoint-tmp-*` save in progress is not.
     for step in sorted(set(evaluator.mngr.all_steps()) - done):
-      print_table(step, evaluator.evaluate(step, _SPLITS.value))
+      try:
+        print_table(step, evaluator.evaluate(step, _SPLITS.value))
+      except checkpoint.DamagedCheckpointError as e:
+        print(f'{e}; skipping it', flush=True)
       done.add(step)
       last_new = time.time()
     if final in done:
@@ -114,8 +133,7 @@ def watch(evaluator: Evaluator) -> None:
     time.sleep(_POLL.value)
 
 
-def generate(evaluator: Evaluator, step: int) -> None:
-  state = evaluator.restore(step)
+def generate(evaluator: Evaluator, state) -> None:
   tok = evaluator.exp.tokenizer
   prompts = [[tok.bos_id] + tok.encode(p) for p in _PROMPT.value]
   room = evaluator.exp.model.config.max_len - max(len(p) for p in prompts)
@@ -154,10 +172,17 @@ def main(argv):
   steps = evaluator.mngr.all_steps()
   if not steps:
     raise FileNotFoundError(f'no committed checkpoint in {evaluator.mngr.directory}')
-  step = _STEP.value if _STEP.value is not None else max(steps)
-  if step not in steps:
-    raise ValueError(f'--step={step} is not among the checkpoints {sorted(steps)}')
-  results = evaluator.evaluate(step, _SPLITS.value)
+  if _STEP.value is None:
+    state, step = evaluator.restore_latest()
+  else:
+    step = _STEP.value
+    if step not in steps:
+      raise ValueError(f'--step={step} is not among the checkpoints {sorted(steps)}')
+    try:
+      state = evaluator.restore(step)
+    except checkpoint.DamagedCheckpointError as e:
+      sys.exit(f'{e}\n--step={step} cannot be evaluated; the checkpoints are {sorted(steps)}')
+  results = evaluator.evaluate(step, _SPLITS.value, state=state)
   extra = {}
   if _UNIGRAM.value:
     extra['unigram baseline validation perplexity'] = baselines.unigram_perplexity(
@@ -166,7 +191,7 @@ def main(argv):
     extra['model validation perplexity'] = results['validation']['perplexity']
   print_table(step, results, extra)
   if _PROMPT.value:
-    generate(evaluator, step)
+    generate(evaluator, state)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,9 @@ class MetricWriter:
     self._active = jax.process_index() == 0
     if self._active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      _drop_partial_line(path)
+      self._jsonl = open(path, 'a')
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
@@ -38,6 +40,16 @@ class MetricWriter:
     if self._active:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_partial_line(path: str) -> None:
+  """Cuts a last line left unfinished by a killed run, so appended records stay parseable."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb+') as f:
+    data = f.read()
+    if data and not data.endswith(b'\n'):
+      f.truncate(data.rfind(b'\n') + 1)
 
 
 def progress_bar(start: int, total: int) -> tqdm.tqdm:

@@ -1,7 +1,11 @@
-"""Nothing lost: damaged checkpoints, non-finite steps and preemption."""
+"""Nothing lost: damaged checkpoints, non-finite steps, preemption, kills and bad input."""
 
 import glob
+import importlib
 import os
+import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +19,12 @@ import pytest
 import objectives
 from objectives import causal_lm
 from tests.training.test_loop import tiny_config
+from training import chaos
+from training import checkpoint
 from training import loop
 from training import metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _checkpoints(workdir):
@@ -134,3 +142,160 @@ def test_sigterm_saves_the_current_step_and_rerunning_continues(tmp_path):
                          capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr
   assert f'Resumed from {workdir}/checkpoints at step {saved}.' in rerun.stdout
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """A 4-step run with checkpoints at steps 2 and 4 (copy it before altering it)."""
+  tmp_path = tmp_path_factory.mktemp('finished')
+  config = tiny_config(tmp_path, num_steps=4, checkpoint_every=2, eval_every=100)
+  workdir = str(tmp_path / 'run')
+  loop.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def _copy(run_dir, tmp_path) -> str:
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(run_dir, workdir)
+  return workdir
+
+
+def _flip_a_byte(workdir, step):
+  """Alters one byte of the step's largest array file; its size stays the same."""
+  files = glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'state', '**', 'd', '*'),
+                    recursive=True)
+  path = max(files, key=os.path.getsize)
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_an_altered_array_file_fails_its_checksum(finished_run, tmp_path):
+  _, run_dir = finished_run
+  workdir = _copy(run_dir, tmp_path)
+  _flip_a_byte(workdir, 4)
+  evaluator = importlib.import_module('eval').Evaluator(workdir)
+  with pytest.raises(checkpoint.DamagedCheckpointError, match=r'checkpoints/4 is damaged: '
+                     r'\d+ array\(s\) fail their checksum'):
+    evaluator.restore(4)
+  evaluator.restore(2)  # the untouched one still restores
+
+
+def test_eval_skips_a_damaged_latest_checkpoint_without_moving_it(finished_run, tmp_path):
+  _, run_dir = finished_run
+  workdir = _copy(run_dir, tmp_path)
+  _flip_a_byte(workdir, 4)
+  result = _run_cli('eval.py', f'--workdir={workdir}', '--splits=validation')
+  assert result.returncode == 0, result.stderr
+  assert 'checkpoints/4 is damaged' in result.stdout and 'skipping it' in result.stdout
+  assert '\nstep 2\n' in result.stdout
+  assert _checkpoints(workdir) == ['2', '4']  # a reader leaves the workdir as it found it
+
+  named = _run_cli('eval.py', f'--workdir={workdir}', '--step=4', '--splits=validation')
+  assert named.returncode != 0
+  assert 'checkpoints/4 is damaged' in named.stderr
+  assert '--step=4 cannot be evaluated; the checkpoints are [2, 4]' in named.stderr
+
+
+def test_a_save_in_progress_is_not_listed_nor_removed_by_readers(finished_run, tmp_path):
+  _, run_dir = finished_run
+  workdir = _copy(run_dir, tmp_path)
+  in_progress = os.path.join(workdir, 'checkpoints', '6.orbax-checkpoint-tmp-1234567890')
+  shutil.copytree(os.path.join(workdir, 'checkpoints', '4'), in_progress)
+  evaluator = importlib.import_module('eval').Evaluator(workdir)
+  evaluator.mngr.reload()  # as --watch does on each poll
+  assert evaluator.mngr.all_steps() == [2, 4]
+  assert os.path.isdir(in_progress)
+
+
+def _run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                        cwd=ROOT, timeout=600)
+
+
+def _set(config, **fields):
+  """Sets dotted fields of a locked config as a --config.x.y= override does."""
+  config.unlock()
+  for name, value in fields.items():
+    section, key = name.split('__')
+    config[section][key] = value
+  config.lock()
+
+
+def _corpus(tmp_path, files: dict[str, bytes]) -> str:
+  directory = tmp_path / 'bad_corpus'
+  directory.mkdir()
+  for name, data in files.items():
+    (directory / name).write_bytes(data)
+  return str(directory)
+
+
+_LINES = b''.join(b'in the beginning god created the heaven and the earth %d\n' % i
+                  for i in range(40))
+
+# (case, make, message): make(config, tmp_path, finished run's workdir) alters the config in
+# place and returns the workdir to train in, or None for a fresh one.
+BAD_INPUT = [
+    ('unknown config field', lambda c, t, w: setattr(c.train, 'num_stepz', 3),
+     'Key "num_stepz" does not exist'),
+    ('wrong type', lambda c, t, w: setattr(c.train, 'num_steps', 'abc'),
+     "Could not override field 'num_steps'"),
+    ('heads not dividing the width', lambda c, t, w: _set(c, model__num_heads=3),
+     'GPTConfig.num_heads=3 must divide GPTConfig.embed_dim=32'),
+    ('mesh not dividing the devices', lambda c, t, w: _set(c, mesh__shape=(3,)),
+     'config.mesh.shape=(3,) does not divide the 1 devices'),
+    ('empty data file',
+     lambda c, t, w: _set(c, data__files=_corpus(t, {'train.txt': b'', 'test.txt': _LINES})),
+     'train.txt: the file is empty'),
+    ('binary data file',
+     lambda c, t, w: _set(c, data__files=_corpus(t, {'train.txt': _LINES + b'\x00\x01\x02\n'})),
+     'train.txt: line 41 holds a NUL byte; this looks like a binary file'),
+    ('parallel files of different lengths',
+     lambda c, t, w: _set(c, data__text_key='en', data__files=_corpus(
+         t, {'train.en': _LINES, 'train.es': _LINES.split(b'\n', 30)[-1]})),
+     'parallel files are not line-aligned: '),
+    ('another model\'s checkpoint',
+     lambda c, t, w: (_set(c, model__embed_dim=64), _copy(w, t))[1],
+     'parameter(s) differ'),
+    ('unwritable workdir',
+     lambda c, t, w: (t / 'file').write_text('x') and str(t / 'file' / 'run'),
+     'is not writable'),
+]
+
+
+@pytest.mark.parametrize('make, message', [case[1:] for case in BAD_INPUT],
+                         ids=[case[0] for case in BAD_INPUT])
+def test_bad_input_fails_early_with_a_message_saying_what_is_wrong(finished_run, tmp_path,
+                                                                  make, message):
+  config, run_dir = finished_run
+  config = loop.ml_collections.ConfigDict(config.to_dict())  # a copy; the fixture's stays as is
+  config.lock()
+  with pytest.raises(Exception) as e:
+    workdir = make(config, tmp_path, run_dir) or str(tmp_path / 'fresh')
+    loop.train_and_evaluate(config, workdir)
+  assert message in str(e.value)
+
+
+def test_project_code_loads_nothing_through_pickle():
+  """Checkpoints load through Orbax and weights through safetensors; never by unpickling."""
+  unsafe = re.compile(r'pickle\.loads?\(|allow_pickle\s*=\s*True|torch\.load\(|dill\.loads?\(')
+  offenders = []
+  for path in ROOT.rglob('*.py'):
+    relative = path.relative_to(ROOT)
+    if relative.parts[0] in ('.venv', 'tests', 'workdirs') or relative.parts[0].startswith('.'):
+      continue  # tests may round-trip their own objects
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+      if unsafe.search(line):
+        offenders.append(f'{relative}:{number}: {line.strip()}')
+  assert not offenders, 'unsafe loading in project code:\n' + '\n'.join(offenders)
+
+
+@pytest.mark.slow
+def test_chaos_two_kills_resume_bitwise_identical(tmp_path):
+  figures = chaos.chaos(str(tmp_path / 'chaos'), kills=2, num_steps=30, checkpoint_every=5,
+                        seed=1)
+  assert figures['killed'] == 2 and figures['resumed'] == 2
+  assert not figures['problems'], figures['problems']
