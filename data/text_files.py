@@ -94,6 +94,11 @@ def discover(files: str) -> Corpus:
   return Corpus(features=features, groups=groups)
 
 
+# A line is one sentence or document. Past this many bytes it is almost surely not (a file
+# without newlines, a serialized blob): better a clear error than a tokenizer eating memory.
+MAX_LINE_BYTES = 1 << 20
+
+
 def read_lines(path: pathlib.Path) -> list[str]:
   """The lines of a UTF-8 text file (whitespace-stripped), with errors naming file and line."""
   data = path.read_bytes()
@@ -104,6 +109,10 @@ def read_lines(path: pathlib.Path) -> list[str]:
     lines.pop()  # the final newline ends the last line rather than starting one
   result = []
   for number, raw in enumerate(lines, start=1):
+    if len(raw) > MAX_LINE_BYTES:
+      raise ValueError(f'{path}: line {number} is {len(raw):,} bytes long, over the '
+                       f'{MAX_LINE_BYTES:,} a line may hold; put one sentence or document '
+                       'per line')
     if b'\0' in raw:
       raise ValueError(f'{path}: line {number} holds a NUL byte; this looks like a binary '
                        'file, not UTF-8 text')

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data import text_files
 import objectives
 from objectives import causal_lm
 from tests.training.test_loop import tiny_config
@@ -253,6 +254,10 @@ BAD_INPUT = [
     ('binary data file',
      lambda c, t, w: _set(c, data__files=_corpus(t, {'train.txt': _LINES + b'\x00\x01\x02\n'})),
      'train.txt: line 41 holds a NUL byte; this looks like a binary file'),
+    ('a line longer than the maximum',
+     lambda c, t, w: _set(c, data__files=_corpus(
+         t, {'train.txt': _LINES + b'x' * (text_files.MAX_LINE_BYTES + 1) + b'\n'})),
+     'train.txt: line 41 is 1,048,577 bytes long, over the 1,048,576 a line may hold'),
     ('parallel files of different lengths',
      lambda c, t, w: _set(c, data__text_key='en', data__files=_corpus(
          t, {'train.en': _LINES, 'train.es': _LINES.split(b'\n', 30)[-1]})),
