@@ -15,7 +15,6 @@ temporaries or its warm-up exceeds --max_seconds.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 
 from models import attention
 from models import block_sparse  # pylint: disable=unused-import  (registers the kernel)
+from training import metrics
 
 HEADS, HEAD_DIM, BLOCK = 4, 64, 64
 VARIANTS = {
@@ -125,17 +125,6 @@ def table(rows) -> str:
   return '\n'.join(lines + ([''] + notes if notes else []))
 
 
-def _machine() -> str:
-  model = platform.processor() or 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return (f'{os.cpu_count()} cores (nproc), {model}; jax {jax.__version__} on '
-          f'{jax.default_backend()}')
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--lengths', default='512,1024,2048,4096,8192')
@@ -146,7 +135,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   command = ' '.join([os.path.relpath(sys.executable), '-m', 'bench.attention']
                      + (argv if argv is not None else sys.argv[1:]))
-  machine = _machine()
+  machine = metrics.describe_machine()
   print(f'$ {command}\n{machine}\nbatch 1, {HEADS} heads, head dim {HEAD_DIM}, float32, '
         f'causal; forward + backward; block {BLOCK}', flush=True)
   rows = run([int(x) for x in args.lengths.split(',')], args.repeats, args.max_gb,

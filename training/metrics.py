@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import sys
 import time
 
@@ -64,3 +65,15 @@ def read_metrics(workdir: str) -> list[dict]:
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def describe_machine() -> str:
+  """'N cores (nproc), <CPU model>; jax X on <backend>': the header of every measurement."""
+  cpu = platform.processor() or 'unknown CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return (f'{os.cpu_count()} cores (nproc), {cpu}; jax {jax.__version__} on '
+          f'{jax.default_backend()}')

@@ -13,11 +13,9 @@ import json
 import math
 import os
 import platform
-import sys
 
 from training import length_eval
 from training import metrics as metrics_lib
-from training import scaling_study
 from training import sweep as sweep_lib
 
 # How each scheme is built (the by-construction half of question 1) and the usual claim
@@ -247,7 +245,7 @@ Command: `{command}` (`configs/gpt_positions.py`, `training/sweep.py`,
 
 Model: {model_line(cfg)}
 
-Machine: {scaling_study.machine()}; {_versions()}. Shared with other jobs.
+Machine: {metrics_lib.describe_machine()}; {_versions()}. Shared with other jobs.
 Wall time: training {train_s:.0f}s in all ({per_point}; each includes start-up and
 compilation); length evaluation {eval_s:.0f}s.
 

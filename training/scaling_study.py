@@ -16,13 +16,12 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import subprocess
 
 import jax
 import jax.numpy as jnp
 
 from models import attention
+from training import metrics
 
 SCORES = ('scaled_dot', 'dot')
 
@@ -140,17 +139,6 @@ saturated rows (most keys get almost no gradient), while the step size in q grow
 both are what the scale removes."""
 
 
-def machine() -> str:
-  cpu = platform.processor() or 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  nproc = subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()
-  return f'{nproc} cores (nproc), {cpu}; jax {jax.__version__} on {jax.default_backend()}'
-
-
 def write_doc(records: list[dict], setup: Setup, out: str) -> None:
   png = os.path.splitext(out)[0] + '.png'
   plot(records, png)
@@ -158,7 +146,7 @@ def write_doc(records: list[dict], setup: Setup, out: str) -> None:
 
 Command: `.venv/bin/python -m training.scaling_study --out={out}` (run by `make positions`)
 
-Machine: {machine()}
+Machine: {metrics.describe_machine()}
 
 One attention op of `models.attention.attend` with score 'scaled_dot' (q·k/sqrt(d_k)) or
 'dot' (q·k): q, k, v have i.i.d. N(0, 1) entries, the cotangent g N(0, 1/d_k) (unit norm

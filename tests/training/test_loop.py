@@ -8,28 +8,15 @@ import numpy as np
 import pytest
 
 from configs import gpt
+from training import chaos
 from training import checkpoint
 from training import loop
 from training import metrics
 
-WORDS = ('the lord said unto moses speak unto the children of israel and say unto them '
-         'in the beginning god created the heaven and the earth').split()
-
-
-def write_corpus(directory) -> str:
-  rng = np.random.default_rng(0)
-  os.makedirs(directory, exist_ok=True)
-  for split, lines in (('train', 300), ('validation', 30), ('test', 30)):
-    with open(os.path.join(directory, f'{split}.txt'), 'w') as f:
-      for _ in range(lines):
-        f.write(' '.join(rng.choice(WORDS, size=rng.integers(5, 30))) + '\n')
-  return str(directory)
-
-
 def tiny_config(tmp_path, **train):
   config = gpt.get_config('size=tiny')
   config.unlock()
-  config.data.files = write_corpus(tmp_path / 'corpus')
+  config.data.files = chaos.write_corpus(str(tmp_path / 'corpus'))
   config.data.data_dir = str(tmp_path / 'data')
   config.data.vocab_size = 128
   config.train.update(dict(dict(num_steps=6, log_every=2, eval_every=3, checkpoint_every=3,
