@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       relative_buckets=32,     # t5, deberta
       relative_max_distance=128,
       rope_base=10000.0,
+      sinusoid_scale=0.02,     # sinusoidal: amplitude, matched to the embeddings' init
       window=0,                # sliding_window: slots each query sees
       block_size=0,            # bigbird / block_sparse tiles
       window_blocks=1, global_blocks=1, random_blocks=1, mask_seed=0,

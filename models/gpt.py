@@ -52,6 +52,7 @@ class GPTConfig:
   relative_buckets: int = 32  # t5, deberta: buckets (rows of the relative table).
   relative_max_distance: int = 128  # t5, deberta: where the log-spaced buckets end.
   rope_base: float = 10000.0  # rope: the wavelengths' base.
+  sinusoid_scale: float = 0.02  # sinusoidal: amplitude, the size of the token embeddings.
   # The attention mask: a name in attention.MASKS, always in its causal variant. Its
   # settings (each mask takes those it names); 'prefix_lm' takes `prefix_lengths_B`.
   mask: str = 'causal'

@@ -162,12 +162,22 @@ class Learned(NoPositions):
 
 @dataclasses.dataclass(frozen=True)
 class Sinusoidal(NoPositions):
-  """Fixed sinusoids at the input (Vaswani et al. 2017); any position, no parameters."""
+  """Fixed sinusoids at the input (Vaswani et al. 2017); any position, no parameters.
+
+  Vaswani et al. add unit-amplitude sinusoids to token embeddings multiplied by sqrt(D),
+  about unit size per entry. Our embeddings start at std 0.02 (GPT-2), so the sinusoids
+  are scaled to that size: unscaled, they swamped the tokens and the model did not train
+  (docs/positions.md).
+  """
   name: ClassVar[str] = 'sinusoidal'
+  sinusoid_scale: float = 0.02
+
+  def __post_init__(self):
+    _check_positive(self, 'sinusoid_scale', kind=(int, float))
 
   def embed(self, positions_BT, *, max_len, features, dtype, param_dtype):
     del max_len, param_dtype
-    x_BTD = sinusoidal(positions_BT, features).astype(dtype)
+    x_BTD = (self.sinusoid_scale * sinusoidal(positions_BT, features)).astype(dtype)
     return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
 
 

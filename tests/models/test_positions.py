@@ -361,3 +361,13 @@ def test_shaw_refuses_a_fused_kernel():
 def test_config_validation_names_the_field(change, field):
   with pytest.raises(ValueError, match=f'GPTConfig.{field}'):
     gpt.GPTConfig(**{**TINY, **change})
+
+
+def test_sinusoidal_scheme_adds_sinusoids_at_the_embeddings_scale():
+  scheme = positions.make('sinusoidal', {'sinusoid_scale': 0.02})
+  positions_BT = jnp.arange(6)[None]
+  x_BTD = scheme.embed(positions_BT, max_len=4, features=8, dtype=jnp.float32,
+                       param_dtype=jnp.float32)
+  np.testing.assert_allclose(x_BTD, 0.02 * positions.sinusoidal(positions_BT, 8), rtol=1e-6)
+  with pytest.raises(ValueError, match='sinusoid_scale must be a positive'):
+    positions.make('sinusoidal', {'sinusoid_scale': 0.0})
