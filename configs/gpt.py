@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_batches=0,                 # 0: the whole validation split
       checkpoint_every=max(1, size['num_steps'] // 5),
       keep_checkpoints=3,
+      microbatches=1,                 # gradient accumulation: slices of each batch, one by one
       on_nonfinite='stop',            # a NaN/Inf loss or gradient: 'stop' the run or 'skip' the step
       preemption_grace_seconds=120.0,  # after SIGTERM: save, then exit within this long
   )

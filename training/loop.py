@@ -170,7 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
   train_step = step_lib.jit_train_step(
       state_shardings, batch_sharding, loss_fn=exp.objective.loss_fn, model=exp.model,
-      seed=config.seed, learning_rate_fn=exp.learning_rate_fn)
+      seed=config.seed, learning_rate_fn=exp.learning_rate_fn,
+      microbatches=config.train.microbatches)
   eval_step = eval_fn(exp, state_shardings)
   valid_batches = eval_split(exp, 'validation')
   writer = metrics_lib.MetricWriter(workdir)

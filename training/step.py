@@ -49,19 +49,20 @@ def create_state(rng, model, tx, sample_inputs, mesh, rules) -> tuple[TrainState
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: LossFn,
-               model: nn.Module, seed: int, learning_rate_fn: Callable[[int], float]):
+               model: nn.Module, seed: int, learning_rate_fn: Callable[[int], float],
+               microbatches: int = 1):
   """One optimizer update. The dropout RNG is `fold_in(seed, step)`: reproducible on resume.
+
+  With `microbatches` > 1 the batch's gradient is accumulated over that many slices of its
+  rows, one after another, and equals the whole batch's (see `accumulated_gradients`).
 
   A step whose loss or gradients are not all finite leaves params and optimizer state as
   they were (the step counter still advances); `finite` in the metrics says which quantity
   failed, so the host can stop with a precise message or count the skipped step.
   """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
-
-  def objective(params):
-    return loss_fn(params, batch, rng, model=model, deterministic=False)
-
-  (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  loss, metrics, grads = accumulated_gradients(
+      state.params, batch, rng, loss_fn=loss_fn, model=model, microbatches=microbatches)
   finite = finite_flags(loss, grads)
   ok = jnp.all(jnp.stack(list(finite.values())))
   updated = state.apply_gradients(grads=grads)
@@ -70,6 +71,49 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: LossF
                               opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state))
   return new_state, {'sums': metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads),
                      'learning_rate': learning_rate_fn(state.step), 'finite': finite}
+
+
+def accumulated_gradients(params, batch, rng, *, loss_fn: LossFn, model: nn.Module,
+                          microbatches: int):
+  """(loss, summed metrics, gradients) of the whole batch, computed over row slices.
+
+  Objectives return the mean loss over `metrics['weight']` (e.g. scored tokens); slices
+  hold different weights, so the batch's gradient is Σ_i w_i ∇loss_i / Σ_i w_i, exactly the
+  gradient of the batch's mean. Memory is that of one slice; the slices run in a scan.
+  """
+  def grad_fn(batch_slice, slice_rng):
+    def objective(p):
+      return loss_fn(p, batch_slice, slice_rng, model=model, deterministic=False)
+    return jax.value_and_grad(objective, has_aux=True)(params)
+
+  if microbatches == 1:
+    (loss, metrics), grads = grad_fn(batch, rng)
+    return loss, metrics, grads
+
+  rows = jax.tree.leaves(batch)[0].shape[0]
+  if rows % microbatches:
+    raise ValueError(f'config.train.microbatches={microbatches} does not divide the '
+                     f'{rows} rows of a batch')
+  # Slice i takes rows i, i+k, i+2k, ...: every device holds its share of every slice,
+  # so a batch split over the data axis needs no communication to be sliced.
+  slices = jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape(rows // microbatches, microbatches, *x.shape[1:]), 0, 1),
+      batch)
+
+  def accumulate(carry, inputs):
+    index, batch_slice = inputs
+    (loss, metrics), grads = grad_fn(batch_slice, jax.random.fold_in(rng, index))
+    weight = metrics['weight']
+    weighted = (jax.tree.map(lambda g: g * weight, grads), loss * weight, metrics)
+    return jax.tree.map(jnp.add, carry, weighted), None
+
+  first = jax.tree.map(lambda x: x[0], slices)
+  shapes = jax.eval_shape(lambda: (params, *grad_fn(first, rng)[0]))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  (weighted_grads, weighted_loss, metrics), _ = jax.lax.scan(
+      accumulate, zeros, (jnp.arange(microbatches), slices))
+  total = jnp.maximum(metrics['weight'], 1.0)
+  return weighted_loss / total, metrics, jax.tree.map(lambda g: g / total, weighted_grads)
 
 
 def finite_flags(loss: jax.Array, grads) -> dict[str, jax.Array]:

@@ -1,9 +1,11 @@
 """A short run end to end: train -> checkpoint -> resume -> evaluate, on a corpus of our own."""
 
+import functools
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from training import chaos
 from training import checkpoint
 from training import loop
 from training import metrics
+from training import step as step_lib
 
 def tiny_config(tmp_path, **train):
   config = gpt.get_config('size=tiny')
@@ -72,3 +75,34 @@ def test_eval_reproduces_the_training_runs_own_validation(tmp_path):
     for name in ('loss', 'perplexity', 'accuracy', 'tokens'):
       assert result[name] == pytest.approx(logged[step][name], rel=1e-6), name
   assert os.path.exists(os.path.join(workdir, 'eval', 'step_6.json'))
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+  """Slices of a batch, accumulated, give the whole batch's loss, gradients and update."""
+  config = tiny_config(tmp_path)
+  exp = loop.build(config)
+  state, _ = step_lib.create_state(jax.random.key(0), exp.model, exp.tx, exp.sample_inputs,
+                                   exp.mesh, exp.rules)
+  batch = next(loop.pipeline.train_iterator(exp.data, exp.tokenizer))
+  # Unequal token counts per slice, so a plain mean of the slices' losses would be wrong.
+  batch['segment_ids'][1::2, -5:] = 0
+  batch = {n: jnp.asarray(v) for n, v in batch.items()}
+  rng = jax.random.key(1)
+
+  def run(k):
+    grads = jax.jit(functools.partial(
+        step_lib.accumulated_gradients, loss_fn=exp.objective.loss_fn, model=exp.model,
+        microbatches=k))(state.params, batch, rng)
+    step = jax.jit(functools.partial(
+        step_lib.train_step, loss_fn=exp.objective.loss_fn, model=exp.model, seed=0,
+        learning_rate_fn=exp.learning_rate_fn, microbatches=k))
+    return grads, step(state, batch)[0].params
+
+  (loss_1, sums_1, grads_1), params_1 = run(1)
+  for k in (2, 4):
+    (loss_k, sums_k, grads_k), params_k = run(k)
+    np.testing.assert_allclose(loss_k, loss_1, rtol=1e-6)
+    assert float(sums_k['weight']) == float(sums_1['weight'])
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    jax.tree.map(close, grads_k, grads_1)
+    jax.tree.map(close, params_k, params_1)
