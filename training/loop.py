@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
@@ -54,7 +55,7 @@ def build(config: ml_collections.ConfigDict, *, mesh_shape=None) -> Experiment:
   data_cfg = pipeline.DataConfig(**config.data)
   config_cls, model_cls = models.get(config.model_name)
   model_cfg = config_cls(**config.model)
-  tokenizer = pipeline.load_tokenizer(data_cfg)
+  tokenizer = _prepare_once(lambda: pipeline.load_tokenizer(data_cfg))
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f'the tokenizer has {tokenizer.vocab_size} tokens but config.model.vocab_size'
                      f' is {model_cfg.vocab_size}')
@@ -72,6 +73,20 @@ def build(config: ml_collections.ConfigDict, *, mesh_shape=None) -> Experiment:
       objective=objectives.get(config.objective), mesh=mesh, rules=rules,
       tx=optimizer_lib.make_optimizer(opt_cfg, num_steps),
       learning_rate_fn=optimizer_lib.learning_rate_schedule(opt_cfg, num_steps))
+
+
+def _prepare_once(load):
+  """Process 0 prepares the data and tokenizer (if missing) before the others load them.
+
+  Hosts usually share the data dir; preparing it from every process at once would race on
+  the same files.
+  """
+  if jax.process_count() == 1:
+    return load()
+  if jax.process_index() == 0:
+    load()
+  multihost_utils.sync_global_devices('contextual: data prepared')
+  return load()
 
 
 def eval_fn(exp: Experiment, state_shardings):

@@ -1,6 +1,7 @@
 """train.py and eval.py as a user runs them: bad input fails early and says what is wrong."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -112,3 +113,41 @@ def test_eight_device_data_parallel_run_follows_the_single_device_run(tmp_path):
   evaluator_result = run('eval.py', f'--workdir={tmp_path / "run8"}', '--splits=validation')
   assert evaluator_result.returncode == 0, evaluator_result.stderr
   assert f"{losses[8][-1][1]:.4f}" in evaluator_result.stdout
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_through_jax_distributed_and_restore_on_one(tmp_path):
+  """2 processes x 4 CPU devices on localhost: one run, one checkpoint, readable by 1 process."""
+  config = tiny_config(tmp_path)
+  workdir = tmp_path / 'run'
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = [subprocess.Popen(
+      [sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny', f'--workdir={workdir}',
+       f'--config.data.files={config.data.files}',
+       f'--config.data.data_dir={config.data.data_dir}',
+       f'--config.data.vocab_size={config.data.vocab_size}',
+       '--config.train.num_steps=4', '--config.train.log_every=1',
+       '--config.train.eval_every=4', '--config.train.checkpoint_every=4',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  step_dir = workdir / 'checkpoints' / '4'
+  # Each host saved its own data-iterator position; process 0 alone wrote metrics.
+  assert sorted(os.listdir(step_dir / 'data'))[-2:] == ['process_0-of-2.json',
+                                                         'process_1-of-2.json']
+  logged = [m for m in metrics.read_metrics(workdir)]
+  assert [m['step'] for m in logged if m['split'] == 'train'] == [1, 2, 3, 4]
+  validation = [m for m in logged if m['split'] == 'validation'][-1]
+  # The 8-device checkpoint restores in this single-process, single-device evaluation.
+  result = run('eval.py', f'--workdir={workdir}', '--splits=validation')
+  assert result.returncode == 0, result.stderr
+  assert f"{validation['loss']:.4f}" in result.stdout
