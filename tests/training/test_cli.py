@@ -88,8 +88,10 @@ def test_watch_follows_a_running_training_job_to_its_final_step(tmp_path):
   assert sorted(os.listdir(workdir / 'eval'))[-1] == 'step_6.json'
 
 
-def test_eight_device_data_parallel_run_follows_the_single_device_run(tmp_path):
-  """The same run on 1 and on 8 (simulated) CPU devices: same losses, interchangeable checkpoints."""
+def test_sharded_runs_follow_the_single_device_run(tmp_path):
+  """data=8, fsdp=8 and data=2 x fsdp=2 x tensor=2 on 8 simulated CPU devices give the
+  single-device losses (to float32 reduction-order differences), and their checkpoints
+  restore on another mesh."""
   config = tiny_config(tmp_path)
   overrides = [f'--config.data.files={config.data.files}',
                f'--config.data.data_dir={config.data.data_dir}',
@@ -97,22 +99,35 @@ def test_eight_device_data_parallel_run_follows_the_single_device_run(tmp_path):
                '--config.train.num_steps=4', '--config.train.log_every=1',
                '--config.train.eval_every=4', '--config.train.checkpoint_every=4']
   losses = {}
-  for devices in (1, 8):
-    workdir = tmp_path / f'run{devices}'
+  for shape in ('(-1,1,1)', '(8,1,1)', '(1,8,1)', '(2,2,2)'):
+    devices = 1 if shape.startswith('(-1') else 8
+    workdir = tmp_path / f'run{shape}'
     env = dict(os.environ, JAX_PLATFORMS='cpu',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     subprocess.run([sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny',
-                    f'--workdir={workdir}', *overrides], env=env, check=True,
-                   capture_output=True, timeout=600)
-    losses[devices] = [(m['split'], m['loss']) for m in metrics.read_metrics(workdir)]
-  assert len(losses[1]) == 5  # 4 train steps and one validation
-  for (split1, a), (split8, b) in zip(losses[1], losses[8]):
-    assert split1 == split8
-    assert a == pytest.approx(b, rel=1e-5)
-  # The 8-device checkpoint restores in this single-device process.
-  evaluator_result = run('eval.py', f'--workdir={tmp_path / "run8"}', '--splits=validation')
-  assert evaluator_result.returncode == 0, evaluator_result.stderr
-  assert f"{losses[8][-1][1]:.4f}" in evaluator_result.stdout
+                    f'--workdir={workdir}', f'--config.mesh.shape={shape}', *overrides],
+                   env=env, check=True, capture_output=True, timeout=600)
+    losses[shape] = [(m['split'], m['loss']) for m in metrics.read_metrics(workdir)]
+  baseline = losses.pop('(-1,1,1)')
+  assert len(baseline) == 5  # 4 train steps and one validation
+  for shape, run_losses in losses.items():
+    for (split1, a), (split8, b) in zip(baseline, run_losses):
+      assert split1 == split8
+      assert a == pytest.approx(b, rel=1e-5), shape
+  # The 2x2x2 checkpoint restores in this single-device process (eval.py's mesh).
+  result = run('eval.py', f'--workdir={tmp_path / "run(2,2,2)"}', '--splits=validation')
+  assert result.returncode == 0, result.stderr
+  assert f"{losses['(2,2,2)'][-1][1]:.4f}" in result.stdout
+  # ... and training resumes from it on a different 8-device mesh.
+  overrides[3] = '--config.train.num_steps=5'
+  resumed = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny',
+       f'--workdir={tmp_path / "run(2,2,2)"}', '--config.mesh.shape=(1,8,1)', *overrides],
+      env=dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+      capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'at step 4.' in resumed.stdout
 
 
 def _free_port() -> int:
