@@ -13,7 +13,10 @@ def real_data_dir() -> pathlib.Path:
   """$CONTEXTUAL_DATA_DIR once `make data` has prepared it (CI does); else skip."""
   path = os.environ.get('CONTEXTUAL_DATA_DIR')
   if not path or not sword.is_fetched(pathlib.Path(path) / 'sword' / 'root'):
-    pytest.skip('real corpus not prepared: run `make data` (sets CONTEXTUAL_DATA_DIR)')
+    message = 'real corpus not prepared: run `make data` (sets CONTEXTUAL_DATA_DIR)'
+    if os.environ.get('CI'):  # `make test` prepares it, so in CI its absence is a failure
+      pytest.fail(message)
+    pytest.skip(message)
   return pathlib.Path(path)
 
 
