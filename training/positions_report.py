@@ -222,7 +222,6 @@ def write(workdir: str, out: str, command: str) -> None:
   train_s = sum(r['train_seconds'] for r in results.values())
   eval_s = sum(rep['seconds'] for e in evals.values() for _, rep in lengths(e) if rep)
   per_point = ', '.join(f"{n} {r['train_seconds']:.0f}s" for n, r in results.items())
-  m = cfg['model']
   failed = failed_at_l(evals)
   answers = '\n'.join(
       f"- **{name}** ({CONSTRUCTION.get(e['position'], ('?', None))[0]}). "
