@@ -42,8 +42,18 @@ test: data
 test-all: data
 	$(PY) -m pytest -q -n 2 -m "not gpu"
 
+# The benchmarks' peers (PyTorch, Hugging Face transformers): only `make bench` needs them.
+# The CPU build of torch: from a local wheel where pip's find-links has one, else PyTorch's
+# CPU index (PyPI's default torch wheel carries CUDA, gigabytes the CPU never uses).
+$(VENV)/.bench-stamp: $(VENV)/.stamp
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))\
+	  ['project']['optional-dependencies']['bench']))" > $(VENV)/bench-requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/bench-requirements.txt \
+	  --extra-index-url https://download.pytorch.org/whl/cpu
+	touch $@
+
 # Every benchmark under bench/ (each prints its table and writes it under docs/).
-bench: setup
+bench: setup $(VENV)/.bench-stamp
 	@for f in bench/*.py; do \
 	  name=$$(basename $$f .py); [ "$$name" = __init__ ] && continue; \
 	  echo "== bench.$$name"; $(PY) -m bench.$$name || exit 1; \

@@ -20,31 +20,51 @@ Batch = dict[str, jax.Array]
 
 
 def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """The target of each position and its weight: [B, T-1] each."""
+  """The target of each position and its weight: [B, T] each.
+
+  The last position has no next token: its target is a weight-0 pad. Keeping the full
+  length T means the loss never slices the [B, T, V] logits (whose gradient would then be
+  a padded copy of them).
+  """
   segments = batch['segment_ids']
-  targets = batch['inputs'][:, 1:]
-  weights = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+  pad_last = ((0, 0), (0, 1))
+  targets = jnp.pad(batch['inputs'][:, 1:], pad_last)
+  next_segments = jnp.pad(segments[:, 1:], pad_last)
+  weights = (next_segments == segments) & (next_segments != 0)
   return targets, weights.astype(jnp.float32)
 
 
-def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-  """Cross-entropy per position, in float32."""
-  log_probs = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(log_probs, targets_BT[..., None], axis=-1)[..., 0]
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """−log softmax(logits)[target] per position (float32), and whether the target is a
+  most likely token (ties count as right).
+
+      −log p(target) = logsumexp(logits) − logits[target]
+
+  The target's logit is picked by comparing the vocabulary index with the target rather
+  than by a gather, so the gradient, softmax − one-hot, is one elementwise pass over the
+  logits instead of a scatter into a [B, T, V] buffer of zeros. The max that steadies the
+  logsumexp is the same max the accuracy compares against.
+  """
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
+  sum_exp_BT = jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1)
+  vocab_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, 2)
+  target_logit_BT = jnp.sum(jnp.where(vocab_BTV == targets_BT[..., None], logits_BTV, 0.0),
+                            axis=-1)
+  return max_BT + jnp.log(sum_exp_BT) - target_logit_BT, target_logit_BT >= max_BT
 
 
 def loss_fn(params: Any, batch: Batch, rng: jax.Array, *, model, deterministic: bool = False):
   """Mean next-token cross-entropy over the weighted positions, and summed metrics."""
-  logits = model.apply(
+  logits_BTV = model.apply(
       {'params': params}, batch['inputs'],
       segment_ids_BT=batch['segment_ids'], positions_BT=batch['positions'],
       deterministic=deterministic, rngs={'dropout': rng})
-  logits = logits[:, :-1]
-  targets, weights = next_token_targets(batch)
-  losses = token_losses(logits, targets)
-  loss_sum = jnp.sum(losses * weights)
-  weight = jnp.sum(weights)
-  correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
+  targets_BT, weights_BT = next_token_targets(batch)
+  losses_BT, correct_BT = cross_entropy(logits_BTV, targets_BT)
+  loss_sum = jnp.sum(losses_BT * weights_BT)
+  weight = jnp.sum(weights_BT)
+  correct = jnp.sum(correct_BT * weights_BT)
   metrics = {'loss_sum': loss_sum, 'correct': correct, 'weight': weight}
   return loss_sum / jnp.maximum(weight, 1.0), metrics
 

@@ -5,7 +5,7 @@ mlp, heads, kv, vocab); `config.logical_axis_rules` says which mesh axis each na
 over. Changing the parallelism of a run is a config change, never a model change.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import math
 
 import flax.linen as nn
@@ -42,8 +42,37 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str]) -> Mesh:
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules: Rules):
   """NamedShardings for a tree whose leaves may be boxed with logical axis names."""
+  check_divisible(abstract_tree, mesh.shape, rules)
   specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def check_divisible(abstract_tree, mesh_sizes: Mapping[str, int], rules: Rules) -> None:
+  """Raises a ValueError naming the first array whose dims the mesh cannot split evenly.
+
+  Without it, a mesh axis that does not divide e.g. the number of heads fails deep inside
+  jit with a message about shapes only; this one names the array, its logical axis, the
+  rule that maps it and the config fields to change.
+  """
+  is_spec = lambda x: isinstance(x, P)
+  logical = nn.get_partition_spec(abstract_tree)
+  physical = nn.logical_to_mesh(logical, rules)
+  shapes = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_tree))[0]
+  for (path, leaf), names, axes in zip(shapes, jax.tree.leaves(logical, is_leaf=is_spec),
+                                       jax.tree.leaves(physical, is_leaf=is_spec)):
+    for dim, (name, mesh_axes) in enumerate(zip(names, axes)):
+      if mesh_axes is None:
+        continue
+      mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+      ways = math.prod(mesh_sizes[a] for a in mesh_axes)
+      if leaf.shape[dim] % ways:
+        split = ' x '.join(f"'{a}' ({mesh_sizes[a]})" for a in mesh_axes)
+        raise ValueError(
+            f'{jax.tree_util.keystr(path, simple=True, separator="/")} has {leaf.shape[dim]} '
+            f"entries along its logical axis '{name}', which config.logical_axis_rules "
+            f'split over mesh axis {split}: {ways} ways does not divide {leaf.shape[dim]}. '
+            f"Change config.mesh.shape, or map '{name}' to other mesh axes (or None) in "
+            'config.logical_axis_rules, or resize the model (e.g. config.model.num_heads).')
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -24,9 +24,10 @@ def test_weights_skip_padding_and_document_boundaries():
   batch = {'inputs': jnp.array([[2, 5, 6, 2, 7, 0]]),
            'segment_ids': jnp.array([[1, 1, 1, 2, 2, 0]])}
   targets, weights = causal_lm.next_token_targets(batch)
-  np.testing.assert_array_equal(targets, [[5, 6, 2, 7, 0]])
-  # 5|2 and 6|5 are inside doc 1; 2 would cross into doc 2; 7|2 inside doc 2; 0 is padding.
-  np.testing.assert_array_equal(weights, [[1, 1, 0, 1, 0]])
+  np.testing.assert_array_equal(targets, [[5, 6, 2, 7, 0, 0]])
+  # 5|2 and 6|5 are inside doc 1; 2 would cross into doc 2; 7|2 inside doc 2; 0 is padding;
+  # the last position has no next token.
+  np.testing.assert_array_equal(weights, [[1, 1, 0, 1, 0, 0]])
 
 
 def test_loss_equals_hand_computation():
@@ -42,7 +43,24 @@ def test_loss_equals_hand_computation():
   expected = (-math.log(0.5) - math.log(0.25)) / 2
   assert math.isclose(float(loss), expected, rel_tol=1e-6)
   assert float(metrics['weight']) == 2.0
-  assert float(metrics['correct']) == 1.0  # argmax is token 1: right once
+  assert float(metrics['correct']) == 1.0  # the most likely token is 1: right once
   report = causal_lm.summarize(metrics)
   assert math.isclose(report['perplexity'], math.exp(expected), rel_tol=1e-6)
   assert report['accuracy'] == 0.5
+
+
+def test_cross_entropy_and_its_gradient_match_log_softmax():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 11)) * 3, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
+
+  def reference(x):
+    log_probs = jax.nn.log_softmax(x, axis=-1)
+    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+  losses, correct = causal_lm.cross_entropy(logits, targets)
+  np.testing.assert_allclose(losses, reference(logits), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(correct, jnp.argmax(logits, -1) == targets)
+  grad = jax.grad(lambda x: jnp.sum(causal_lm.cross_entropy(x, targets)[0] ** 2))(logits)
+  expected = jax.grad(lambda x: jnp.sum(reference(x) ** 2))(logits)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
