@@ -10,9 +10,12 @@ embeddings with `positions`.
 
   cfg = DataConfig(**config.data)
   tok = load_tokenizer(cfg)
-  it = train_iterator(cfg, tok, shard_index=jax.process_index(),
-                      shard_count=jax.process_count())
+  it = train_iterator(cfg, tok)  # global batches; with rows=..., one host's rows of them
   batch = next(it)   # it.get_state() / it.set_state(): Orbax saves them (training/checkpoint.py)
+
+Several hosts: every host packs the same global batches of batch_size rows and keeps only
+its own rows, so a run's batches do not depend on how many hosts feed it (see
+`train_iterator`; training/loop.py derives each host's rows from the batch sharding).
 """
 
 from __future__ import annotations
@@ -210,40 +213,82 @@ def _rows_per_shard(cfg: DataConfig, shard_count: int) -> int:
   return cfg.batch_size // shard_count
 
 
-def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int = 0,
-                   shard_count: int = 1) -> grain.DatasetIterator:
-  """Endless batches of batch_size // shard_count rows from this shard's training records.
+def host_rows(cfg: DataConfig, *, shard_index: int = 0, shard_count: int = 1,
+              rows=None) -> np.ndarray:
+  """The rows of each global batch that one host keeps, in the order it feeds them.
 
-  Records are split between shards before shuffling (record i goes to shard
-  i % shard_count), then shuffled with cfg.seed, reshuffled each epoch, and the packed
-  rows shuffled again in windows of SHUFFLE_WINDOW_ROWS. The iterator's
-  get_state()/set_state() capture the position, which training checkpoints with Orbax.
+  `rows` names them (indices into the global batch of cfg.batch_size rows, as the batch
+  sharding places them on this host's devices: training/loop.py `process_rows`); without
+  it, host shard_index of shard_count keeps the shard_index-th of shard_count equal blocks.
   """
-  rows = _rows_per_shard(cfg, shard_count)
-  ds = grain.MapDataset.source(data_source(cfg, 'train'))
-  ds = ds[shard_index::shard_count]
-  if len(ds) == 0:
-    raise ValueError(f'shard {shard_index} of {shard_count} holds no training records')
-  ds = _packed_rows(_EpochShuffle(ds, seed=cfg.seed), tokenizer, cfg, bins=rows)
+  if rows is None:
+    count = _rows_per_shard(cfg, shard_count)
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f'shard_index={shard_index} is not one of the {shard_count} shards')
+    return np.arange(shard_index * count, (shard_index + 1) * count)
+  rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+  if not rows.size or rows.min() < 0 or rows.max() >= cfg.batch_size:
+    raise ValueError(f'rows {rows.tolist()} are not a non-empty set of rows of a batch of '
+                     f'{cfg.batch_size}')
+  return rows
+
+
+class _KeepRows(grain.transforms.Map):
+  """global batch -> this host's rows of it."""
+
+  def __init__(self, rows: np.ndarray):
+    self._rows = rows
+
+  def map(self, batch: Batch) -> Batch:
+    return {k: v[self._rows] for k, v in batch.items()}
+
+
+def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int = 0,
+                   shard_count: int = 1, rows=None) -> grain.DatasetIterator:
+  """Endless batches: this host's rows (see `host_rows`) of each global training batch.
+
+  Every host reads all training records and packs the same global batches of
+  cfg.batch_size rows: records shuffled with cfg.seed and reshuffled each epoch, packed
+  into rows, the rows shuffled again in windows of SHUFFLE_WINDOW_ROWS. A host then keeps
+  only its own rows. So the global batch at every step is the same however many hosts
+  feed it (a 2-host run equals a 1-host run), and every host's iterator is at the same
+  position: get_state()/set_state() capture it, and training checkpoints it with Orbax.
+
+  The price: every host tokenizes and packs the whole global batch, where splitting the
+  records between hosts would give each a 1/hosts share of that CPU work. We pay it
+  because packing is sequential (first fit over the shuffled stream of documents): split
+  records make other rows, so the batches, the losses and a checkpoint's data position
+  would depend on the number of hosts. Should the pipeline ever bound the step time, the
+  remedy is grain worker processes on each host, not more hosts.
+  """
+  keep = host_rows(cfg, shard_index=shard_index, shard_count=shard_count, rows=rows)
+  source = data_source(cfg, 'train')
+  if len(source) == 0:
+    raise ValueError(f'the training split of {cfg.files or cfg.name!r} holds no records')
+  ds = _packed_rows(_EpochShuffle(grain.MapDataset.source(source), seed=cfg.seed),
+                    tokenizer, cfg, bins=cfg.batch_size)
   if SHUFFLE_WINDOW_ROWS > 1:
     ds = grain.experimental.WindowShuffleIterDataset(
         ds, window_size=SHUFFLE_WINDOW_ROWS, seed=cfg.seed)
-  return iter(ds.batch(rows, drop_remainder=True))
+  ds = ds.batch(cfg.batch_size, drop_remainder=True)
+  if not np.array_equal(keep, np.arange(cfg.batch_size)):
+    ds = ds.map(_KeepRows(keep))
+  return iter(ds)
 
 
 class EvalBatches:
   """One deterministic pass over a split, re-iterable; yields batches of a fixed shape.
 
-  Every shard packs the whole split into global batches of batch_size rows and keeps its
-  own slice of rows, so all hosts see the same number of batches (a multi-host eval step
-  needs every host to call it equally often). The last batch is padded with all-zero rows.
+  Every host packs the whole split into the same global batches of batch_size rows and
+  keeps its own rows (see `host_rows`), so all hosts see the same number of batches (a
+  multi-host eval step needs every host to call it equally often). The last batch is
+  padded with all-zero rows.
   """
 
   def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, split: str, *,
-               shard_index: int = 0, shard_count: int = 1, max_batches: int = 0):
+               shard_index: int = 0, shard_count: int = 1, rows=None, max_batches: int = 0):
     self._cfg, self._tokenizer, self._split = cfg, tokenizer, split
-    self._rows = _rows_per_shard(cfg, shard_count)
-    self._first_row = shard_index * self._rows
+    self._rows = host_rows(cfg, shard_index=shard_index, shard_count=shard_count, rows=rows)
     self._max_batches = max_batches
     self._source = data_source(cfg, split)
 
@@ -254,9 +299,7 @@ class EvalBatches:
     for count, batch in enumerate(ds.batch(cfg.batch_size, drop_remainder=False)):
       if self._max_batches and count >= self._max_batches:
         return
-      yield {k: _pad_rows(batch[k], cfg.batch_size)[self._first_row:
-                                                    self._first_row + self._rows]
-             for k in FEATURES}
+      yield {k: _pad_rows(batch[k], cfg.batch_size)[self._rows] for k in FEATURES}
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -264,7 +307,7 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, shard_index: int = 0,
-                 shard_count: int = 1, max_batches: int = 0) -> EvalBatches:
+                 shard_count: int = 1, rows=None, max_batches: int = 0) -> EvalBatches:
   """The batches of one pass over `split` ('validation' or 'test'); max_batches=0: all."""
-  return EvalBatches(cfg, tokenizer, split, shard_index=shard_index,
-                     shard_count=shard_count, max_batches=max_batches)
+  return EvalBatches(cfg, tokenizer, split, shard_index=shard_index, shard_count=shard_count,
+                     rows=rows, max_batches=max_batches)

@@ -131,10 +131,30 @@ class Throttle:
       jax.block_until_ready(self._queue.popleft())
 
 
+def process_rows(exp: Experiment) -> np.ndarray:
+  """The rows of every global batch that this process feeds, in the order it feeds them.
+
+  `sharding.global_batch` (jax.make_array_from_process_local_data) takes from each process
+  the rows that its addressable devices hold under the batch sharding, concatenated in
+  increasing order; every host's pipeline packs the same global batch and keeps exactly
+  these rows. Derived from the sharding, so any mesh and any logical_axis_rules work
+  (rows replicated over some mesh axes are fed by every process holding them).
+  """
+  shape = (exp.data.batch_size, exp.data.seq_len)
+  batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
+  indices = batch_sharding.addressable_devices_indices_map(shape).values()
+  rows = sorted({index[0].indices(shape[0]) for index in indices})
+  columns = {index[1].indices(shape[1]) for index in indices}
+  if len(columns) * batch_sharding.shard_shape(shape)[1] != shape[1]:
+    raise ValueError('config.logical_axis_rules split the length of a batch between '
+                     'processes; each process feeds whole rows, so map length to mesh axes '
+                     'within a process, or to none')
+  return np.concatenate([np.arange(*r) for r in rows])
+
+
 def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
-  return list(pipeline.eval_batches(
-      exp.data, exp.tokenizer, split, shard_index=jax.process_index(),
-      shard_count=jax.process_count(), max_batches=exp.config.train.eval_batches))
+  return list(pipeline.eval_batches(exp.data, exp.tokenizer, split, rows=process_rows(exp),
+                                    max_batches=exp.config.train.eval_batches))
 
 
 def check_workdir(workdir: str) -> None:
@@ -169,8 +189,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
-  data_iter = pipeline.train_iterator(exp.data, exp.tokenizer, shard_index=jax.process_index(),
-                                      shard_count=jax.process_count())
+  # Every process packs the same global batch and keeps its own rows of it, so the run does
+  # not depend on how many processes feed it.
+  rows = process_rows(exp)
+  data_iter = pipeline.train_iterator(exp.data, exp.tokenizer, rows=rows)
   abstract, state_shardings = exp.abstract_state()
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep_checkpoints,
                             writer=True)
@@ -198,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for step in range(start + 1, train_cfg.num_steps + 1):
         batch = next(data_iter)
         state, step_metrics = train_step(state, sharding.global_batch(batch, batch_sharding))
-        log.add(step, step_metrics, tokens=np.sum(batch['segment_ids'] != 0) * jax.process_count())
+        log.add(step, step_metrics,  # this host's tokens, scaled to the global batch
+                tokens=np.sum(batch['segment_ids'] != 0) * exp.data.batch_size / len(rows))
         throttle(step_metrics)
         bar.update(1)
 

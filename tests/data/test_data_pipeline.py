@@ -1,4 +1,4 @@
-"""grain pipelines: packing, epochs, determinism, resuming, sharding, eval padding."""
+"""grain pipelines: packing, epochs, determinism, resuming, hosts' rows, eval padding."""
 
 import collections
 
@@ -144,18 +144,38 @@ def test_resume_mid_epoch_from_orbax_checkpoint(cfg, tok, tmp_path):
       np.testing.assert_array_equal(want[k], got[k])
 
 
-def test_two_shards_cover_the_data_disjointly(cfg, tok, monkeypatch):
-  monkeypatch.setattr(pipeline, 'SHUFFLE_WINDOW_ROWS', 0)
-  docs = []
-  for index in range(2):
-    iterator = pipeline.train_iterator(cfg, tok, shard_index=index, shard_count=2)
-    seen = set()
-    for batch in take(iterator, 40):
-      assert batch['inputs'].shape == (2, 16)
-      seen |= {doc_of(tok, s) for s in segments(batch) if s[0] == tok.bos_id}
-    docs.append(seen)
-  assert not docs[0] & docs[1]
-  assert docs[0] | docs[1] == set(range(NUM_TRAIN))
+@pytest.mark.parametrize('count', [2, 4])
+def test_hosts_keep_their_rows_of_the_single_host_batches(cfg, tok, count):
+  """Host p of `count` keeps rows p*B/count.. of each global batch: in host order, its rows
+  are the one-host batches, and every host's iterator is at the same position."""
+  whole = pipeline.train_iterator(cfg, tok)
+  hosts = [pipeline.train_iterator(cfg, tok, shard_index=p, shard_count=count)
+           for p in range(count)]
+  for _ in range(12):  # past the first epoch of the 40 records
+    want = next(whole)
+    parts = [next(h) for h in hosts]
+    assert all(part['inputs'].shape == (4 // count, 16) for part in parts)
+    for k in want:
+      np.testing.assert_array_equal(want[k], np.concatenate([part[k] for part in parts]))
+  assert all(h.get_state() == whole.get_state() for h in hosts)
+  # A host resumes from the (common) position exactly.
+  resumed = pipeline.train_iterator(cfg, tok, shard_index=1, shard_count=count)
+  resumed.set_state(hosts[1].get_state())
+  for want, got in zip(take(hosts[1], 3), take(resumed, 3)):
+    for k in want:
+      np.testing.assert_array_equal(want[k], got[k])
+
+
+def test_hosts_keep_the_rows_they_are_given(cfg, tok):
+  """Rows as a sharding may interleave them: host 0 holds rows 0 and 2, host 1 rows 3 and 1."""
+  whole = take(pipeline.train_iterator(cfg, tok), 5)
+  even = take(pipeline.train_iterator(cfg, tok, rows=[0, 2]), 5)
+  odd = take(pipeline.train_iterator(cfg, tok, rows=[3, 1]), 5)
+  for w, e, o in zip(whole, even, odd):
+    for k in w:
+      np.testing.assert_array_equal(w[k][[0, 2, 3, 1]], np.concatenate([e[k], o[k]]))
+  with pytest.raises(ValueError, match='rows of a batch of 4'):
+    pipeline.train_iterator(cfg, tok, rows=[2, 4])
 
 
 def test_batch_size_must_divide_by_shards(cfg, tok):

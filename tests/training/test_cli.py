@@ -137,19 +137,29 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_through_jax_distributed_and_restore_on_one(tmp_path):
-  """2 processes x 4 CPU devices on localhost: one run, one checkpoint, readable by 1 process."""
+  """2 processes x 4 CPU devices on localhost train like 1 process x 8 devices (every
+  process packs the same global batch and feeds its own rows of it); one checkpoint,
+  readable by 1 process."""
   config = tiny_config(tmp_path)
+  overrides = [f'--config.data.files={config.data.files}',
+               f'--config.data.data_dir={config.data.data_dir}',
+               f'--config.data.vocab_size={config.data.vocab_size}',
+               '--config.train.num_steps=4', '--config.train.log_every=1',
+               '--config.train.eval_every=4', '--config.train.checkpoint_every=4']
+  # The reference first: it also prepares the data and tokenizer the two processes share.
+  single = tmp_path / 'single'
+  subprocess.run([sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny',
+                  f'--workdir={single}', *overrides],
+                 env=dict(os.environ, JAX_PLATFORMS='cpu',
+                          XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+                 check=True, capture_output=True, timeout=600)
   workdir = tmp_path / 'run'
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=4')
   procs = [subprocess.Popen(
       [sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny', f'--workdir={workdir}',
-       f'--config.data.files={config.data.files}',
-       f'--config.data.data_dir={config.data.data_dir}',
-       f'--config.data.vocab_size={config.data.vocab_size}',
-       '--config.train.num_steps=4', '--config.train.log_every=1',
-       '--config.train.eval_every=4', '--config.train.checkpoint_every=4',
+       *overrides,
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -159,8 +169,22 @@ def test_two_processes_train_through_jax_distributed_and_restore_on_one(tmp_path
   # Each host saved its own data-iterator position; process 0 alone wrote metrics.
   assert sorted(os.listdir(step_dir / 'data'))[-2:] == ['process_0-of-2.json',
                                                          'process_1-of-2.json']
+  # ... and both are the one-process run's position in the same stream of global batches.
+  position = (single / 'checkpoints' / '4' / 'data' / 'process_0-of-1.json').read_text()
+  for i in range(2):
+    assert (step_dir / 'data' / f'process_{i}-of-2.json').read_text() == position
   logged = [m for m in metrics.read_metrics(workdir)]
   assert [m['step'] for m in logged if m['split'] == 'train'] == [1, 2, 3, 4]
+  # The same losses at every step and in the final validation, to rel 1e-5. Not bitwise:
+  # the gradient all-reduce and the loss sums run across processes (gloo) in another order
+  # than within one process, and float32 sums in another order round differently (we see
+  # up to ~7e-8). Hosts that read different records (per-host record sharding) differ by
+  # 2e-4 to 5e-3 here, so this fails unless the global batches are the same.
+  reference = [(m['step'], m['split'], m['loss']) for m in metrics.read_metrics(single)]
+  assert len(reference) == 5  # 4 train steps and one validation
+  assert [(m['step'], m['split']) for m in logged] == [r[:2] for r in reference]
+  for m, (_, _, loss) in zip(logged, reference):
+    assert m['loss'] == pytest.approx(loss, rel=1e-5), (m, loss)
   validation = [m for m in logged if m['split'] == 'validation'][-1]
   # The 8-device checkpoint restores in this single-process, single-device evaluation.
   result = run('eval.py', f'--workdir={workdir}', '--splits=validation')
