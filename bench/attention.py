@@ -4,17 +4,22 @@
   .venv/bin/python -m bench.attention --lengths=512,1024 --repeats=3
 
 Forward + backward of causal self-attention (batch 1, 4 heads, head dim 64, float32) at
-each length: the median of several timed runs after a warm-up, the variants taking turns
-so that a noisy machine slows them alike; memory is XLA's temporary buffers of the
-compiled step. Prints a table, the ratio dense / sparse, and each variant's growth per
-doubling of the length (2 = linear, 4 = quadratic); writes the same to
-docs/attention_bench.md. Dense is skipped where it would need more than --max_gb of
-temporaries or its warm-up exceeds --max_seconds.
+each length: the median of several timed runs after a warm-up, the sparse variants taking
+turns so that a noisy machine slows them alike, dense in rounds of its own (its T·S
+temporaries, a GB at T=4096, evict the caches: a sparse step timed right after it ran
+20-60% slower, the more so the longer T); memory is XLA's temporary buffers of the
+compiled step, and `*_faults` in the JSON the minor page faults of one step (XLA maps its
+temporaries afresh for every step once they outgrow malloc's 32 MB mmap threshold, and
+the OS zeroes each page on first touch: see GROWTH_NOTE). Prints a table, the ratio
+dense / sparse, and each variant's growth per doubling of the length (2 = linear,
+4 = quadratic); writes the same to docs/attention_bench.md. Dense is skipped where it
+would need more than --max_gb of temporaries or its warm-up exceeds --max_seconds.
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -37,6 +42,20 @@ VARIANTS = {
                                                       global_blocks=1, random_blocks=1,
                                                       causal=True)),
 }
+
+
+GROWTH_NOTE = """\
+Reading the sparse `x2` columns: the compiled sparse steps do exactly twice the FLOPs and
+bytes (XLA's cost analysis) per doubling of T, with the same ops at every T. What does not
+scale linearly is memory management around them: XLA:CPU allocates a step's temporaries
+(the MB columns) afresh on every call, and once they outgrow malloc's mmap threshold
+(32 MB at most) each call maps new pages, which the OS faults in and zeroes one by one
+(`*_faults` in the JSON: about 256 per MB of temporaries per step, none below the
+threshold). The sparse steps cross it between T = 1024 and 2048; that one doubling grows
+by x3 or more, the others by about x2. (Until models/block_sparse.py computed each key
+block column on its own, the matrix multiplies' packed copies of the K·b-wide key and
+value operands crossed the same threshold between T = 4096 and 8192, for another x2.5-2.8,
+and gathers and scatter-adds of K copies of the keys made every step slower.)"""
 
 
 def _step(kernel, pattern, length):
@@ -63,6 +82,13 @@ def _time(compiled, args):
   return time.perf_counter() - start
 
 
+def _time_and_faults(compiled, args):
+  """Seconds and minor page faults (this process, all threads) of one step."""
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  seconds = _time(compiled, args)
+  return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
 def run(lengths, repeats, max_gb, max_seconds):
   rows = []
   for length in lengths:
@@ -82,11 +108,17 @@ def run(lengths, repeats, max_gb, max_seconds):
         continue
       steps[name] = compiled
     times = {name: [] for name in steps}
-    for _ in range(repeats if length < 4096 else max(3, repeats // 2)):
-      for name, compiled in steps.items():  # Taking turns: noise hits every variant.
-        times[name].append(_time(compiled, args))
+    faults = {name: [] for name in steps}
+    sparse = [name for name in steps if VARIANTS[name][1] is not None]
+    for group in (sparse, [name for name in steps if name not in sparse]):
+      for _ in range(repeats if length < 4096 else max(3, repeats // 2)):
+        for name in group:  # Taking turns: noise hits every variant.
+          seconds, step_faults = _time_and_faults(steps[name], args)
+          times[name].append(seconds)
+          faults[name].append(step_faults)
     for name in VARIANTS:
       row[f'{name}_ms'] = 1e3 * statistics.median(times[name]) if name in times else None
+      row[f'{name}_faults'] = statistics.median(faults[name]) if name in faults else None
     row['notes'] = notes
     rows.append(row)
     print(f'  length {length}: ' + ', '.join(
@@ -149,10 +181,11 @@ def main(argv=None):
       f.write('# Attention benchmark: dense vs sliding window vs block-sparse (BigBird)\n\n'
               f'Command: `{command}`\n\nMachine: {machine}\n\n'
               f'Causal self-attention, batch 1, {HEADS} heads, head dim {HEAD_DIM}, float32; '
-              'time per forward + backward (median after a warm-up, variants taking '
-              'turns); MB = XLA temporary buffers of the compiled step; `x2` = time '
+              'time per forward + backward (median after a warm-up, sparse variants '
+              'taking turns, dense in rounds of its own); MB = XLA temporary buffers of '
+              'the compiled step; `x2` = time '
               'growth per doubling of T (2 linear, 4 quadratic); `dense/x` = speed-up.\n\n'
-              f'Variants: {json.dumps(settings)}\n\n{text}\n\n'
+              f'Variants: {json.dumps(settings)}\n\n{text}\n\n{GROWTH_NOTE}\n\n'
               f'```json\n{json.dumps(rows, indent=1)}\n```\n')
     print(f'wrote {args.out}')
 

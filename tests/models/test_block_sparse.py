@@ -4,6 +4,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,6 +41,54 @@ def test_plan_computes_only_kept_blocks():
   assert blocks.shape == (9, 5)  # 3 window + 1 global + 1 random, not 10.
   for row, kept, ok in zip(sparse_rows, blocks, real):
     np.testing.assert_array_equal(np.sort(kept[ok]), np.flatnonzero(layout[row]))
+  # Columns: the window's 3 diagonals (slices of the keys), the global block (a
+  # broadcast), and only the random blocks gathered by index.
+  offsets_KR = (sparse_rows[:, None] - blocks).T
+  assert {int(d[0]) for d in offsets_KR if (d == d[0]).all()} == {-1, 0, 1}
+  assert (blocks == 0).all(axis=0).sum() == 1
+
+
+@pytest.mark.parametrize('name', sorted(PATTERNS))
+@pytest.mark.parametrize('num_blocks', [1, 2, 3, 10, 33])
+def test_plan_keeps_every_block_once_and_is_no_wider(name, num_blocks):
+  layout = PATTERNS[name].block_layout(num_blocks, num_blocks)
+  dense_rows, sparse_rows, blocks, real = block_sparse._gather_plan(layout)
+  np.testing.assert_array_equal(np.sort(np.concatenate([dense_rows, sparse_rows])),
+                                np.arange(num_blocks))
+  for row, kept, ok in zip(sparse_rows, blocks, real):
+    np.testing.assert_array_equal(np.sort(kept[ok]), np.flatnonzero(layout[row]))
+  assert blocks.shape[1] <= max(layout[sparse_rows].sum(axis=1).max(initial=0), 1)
+
+
+def test_plan_of_scattered_blocks_packs_them():
+  layout = np.zeros((8, 20), bool)  # One block per row, at two alternating offsets.
+  layout[np.arange(8), np.arange(8) + 5 * (np.arange(8) % 2)] = True
+  _, _, blocks, real = block_sparse._gather_plan(layout)
+  assert blocks.shape == (8, 1) and real.all()
+
+
+def _primitives(jaxpr):
+  yield from (eqn.primitive.name for eqn in jaxpr.eqns)
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    yield from _primitives(sub)
+
+
+@pytest.mark.parametrize('name', ['sliding_window', 'sliding_window_causal', 'bigbird_causal'])
+def test_backward_scatters_only_gathered_blocks(name):
+  """A window's key blocks are slices (gradients: pads), not gathers (scatter-adds)."""
+  pattern = PATTERNS[name]
+  q = _normal(0, (2, 40, 2, 3))
+
+  def loss(q, k, v):
+    return jnp.sum(attention.attend(q, k, v, kernel='block_sparse', pattern=pattern))
+
+  primitives = list(_primitives(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr))
+  gathers = primitives.count('gather')
+  scatters = sum(p.startswith('scatter') for p in primitives)
+  if name.startswith('sliding_window'):
+    assert gathers == scatters == 0, primitives
+  else:  # BigBird: the random blocks of keys and values only.
+    assert gathers == 2 and scatters == 2, primitives
 
 
 @pytest.mark.parametrize('name', sorted(PATTERNS))
@@ -61,10 +110,11 @@ def test_equals_dense_attention_under_the_same_mask(name, length):
   np.testing.assert_allclose(alone, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_equal_dense():
-  pattern = PATTERNS['bigbird_causal']
-  q, k, v = (_normal(i, (1, 32, 2, 3)) for i in range(3))
-  mask = pattern(index(1, 32))
+@pytest.mark.parametrize('name', sorted(PATTERNS))
+def test_gradients_equal_dense(name):
+  pattern = PATTERNS[name]
+  q, k, v = (_normal(i, (2, 38, 2, 3)) for i in range(3))
+  mask = pattern(index(2, 38))
 
   def loss(kernel, q, k, v):
     out = attention.attend(q, k, v, mask_B1TS=mask, kernel=kernel, pattern=pattern)
@@ -74,6 +124,17 @@ def test_gradients_equal_dense():
   sparse = jax.jit(jax.grad(functools.partial(loss, 'block_sparse'), argnums=(0, 1, 2)))(q, k, v)
   for d, s in zip(dense, sparse):
     np.testing.assert_allclose(s, d, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['bigbird_causal', 'sliding_window'])
+def test_bfloat16_rounds_once_as_dense_does(name):
+  pattern = PATTERNS[name]
+  q, k, v = (_normal(i, (2, 37, 2, 8)).astype(jnp.bfloat16) for i in range(3))
+  dense = _attend(q, k, v, pattern(index(2, 37)), None, kernel='xla', pattern=None)
+  sparse = _attend(q, k, v, None, None, kernel='block_sparse', pattern=pattern)
+  assert sparse.dtype == jnp.bfloat16
+  # Summing the key block columns' products in bfloat16 would round most outputs twice.
+  assert np.mean(np.asarray(sparse != dense)) < 0.01
 
 
 def test_additive_score_runs_on_blocks():
