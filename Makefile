@@ -6,6 +6,12 @@ DATA   ?= .data
 DEMO   ?= workdirs/demo
 POSITIONS ?= workdirs/positions
 export CONTEXTUAL_DATA_DIR := $(abspath $(DATA))
+# glibc malloc: serve every allocation from one heap that is never trimmed, so the buffers
+# XLA:CPU allocates afresh at every step reuse memory already mapped. By default each
+# buffer over 32 MB is a new mmap whose pages the kernel faults in and zeroes, one 4 KB page
+# at a time: ~215k faults and ~0.55 s of system time per step of bench/gpt_speed.py's model
+# (docs/benchmarks.md). The price: a process keeps its peak heap until it exits.
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1
 # Keep TensorFlow-free TFDS and JAX quiet and on the CPU unless a GPU is present.
 export TF_CPP_MIN_LOG_LEVEL := 2
 
@@ -52,10 +58,12 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp
 	  --extra-index-url https://download.pytorch.org/whl/cpu
 	touch $@
 
-# Every benchmark under bench/ (each prints its table and writes it under docs/).
+# Every benchmark under bench/ (each prints its table and writes it under docs/), or the
+# ones named: `make bench BENCH=gpt_speed`.
+BENCH ?= $(basename $(notdir $(wildcard bench/*.py)))
 bench: setup $(VENV)/.bench-stamp
-	@for f in bench/*.py; do \
-	  name=$$(basename $$f .py); [ "$$name" = __init__ ] && continue; \
+	@for name in $(BENCH); do \
+	  [ "$$name" = __init__ ] && continue; \
 	  echo "== bench.$$name"; $(PY) -m bench.$$name || exit 1; \
 	done
 

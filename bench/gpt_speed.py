@@ -11,7 +11,9 @@ way (greedy, KV cache, 32 prompt tokens then up to max_len). Parameter counts ar
 to be equal before anything is timed.
 
 Each framework runs in a worker process of its own, so neither's thread pool competes
-with the other's; the driver asks them for measurements in turns (ours first in even
+with the other's, and each in the environment it runs best in: ours with the glibc malloc
+settings the Makefile exports (GLIBC_TUNABLES: no page faults on XLA's per-step buffers),
+the peer with glibc's defaults (the same settings slowed it; `--peer_tunables=ours`); the driver asks them for measurements in turns (ours first in even
 rounds, the peer's in odd ones), so a noisy machine slows both alike, and reports medians.
 Printed (and written to docs/gpt_speed.md):
 
@@ -27,6 +29,7 @@ the same run.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -240,14 +243,31 @@ def _worker(side: str, shape: Shape, conn) -> None:
     conn.send(getattr(bench, method)(argument))
 
 
-class _Side:
-  """A worker process and a blocking call into it."""
+@contextlib.contextmanager
+def _environment(overrides: dict[str, str | None]):
+  """os.environ with `overrides` (None removes a variable), for starting a worker."""
+  saved = dict(os.environ)
+  for name, value in overrides.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
+  try:
+    yield
+  finally:
+    os.environ.clear()
+    os.environ.update(saved)
 
-  def __init__(self, side: str, shape: Shape):
+
+class _Side:
+  """A worker process, started with its own environment, and a blocking call into it."""
+
+  def __init__(self, side: str, shape: Shape, env: dict[str, str | None]):
     context = multiprocessing.get_context('spawn')
     self.conn, child = context.Pipe()
     self.process = context.Process(target=_worker, args=(side, shape, child), daemon=True)
-    self.process.start()
+    with _environment(env):
+      self.process.start()
 
   def wait_ready(self) -> None:
     if self.conn.recv() != 'ready':
@@ -265,9 +285,10 @@ class _Side:
 # ---------------------------------------------------------------------------- driver
 
 
-def run(shape: Shape, rounds: int, steps: int, decodes: int, matmul_repeats: int) -> dict:
+def run(shape: Shape, rounds: int, steps: int, decodes: int, matmul_repeats: int,
+        env: dict[str, dict[str, str | None]]) -> dict:
   """Measures both sides in alternating rounds; returns the medians and derived ratios."""
-  sides = {name: _Side(name, shape) for name in ('ours', 'peer')}
+  sides = {name: _Side(name, shape, env[name]) for name in ('ours', 'peer')}
   try:
     for side in sides.values():  # One at a time: both compile at start-up otherwise.
       side.wait_ready()
@@ -297,6 +318,7 @@ def run(shape: Shape, rounds: int, steps: int, decodes: int, matmul_repeats: int
   peer_flops = shape.train_flops_per_token() * shape.tokens_per_step / train_s['peer']
   return {
       'shape': dataclasses.asdict(shape), 'rounds': rounds, 'steps': steps,
+      'glibc_tunables': {n: env[n].get('GLIBC_TUNABLES') for n in sides},
       'frameworks': {n: info[n]['framework'] for n in sides},
       'params': info['ours']['params'], 'first_loss': losses,
       'train_s_per_step': train_s,
@@ -331,6 +353,8 @@ def report(result: dict, command: str) -> str:
       f'Command: `{command}`', '',
       f'Machine: {_machine()}', '',
       f'Ours: {result["frameworks"]["ours"]}. Peer: {result["frameworks"]["peer"]}.', '',
+      (f'GLIBC_TUNABLES: ours {result["glibc_tunables"]["ours"] or "unset"}; peer '
+       f'{result["glibc_tunables"]["peer"] or "unset"}.'), '',
       (f'Model: {s["layers"]} layers, width {s["width"]}, {s["heads"]} heads, MLP {s["mlp"]}, '
        f'vocabulary {s["vocab"]}, {result["params"]:,} parameters on both sides; batch '
        f'{s["batch"]} x {s["seq"]} tokens, float32, AdamW + clipping. Medians over '
@@ -368,11 +392,18 @@ def main(argv=None) -> None:
   parser.add_argument('--decodes', type=int, default=1, help='generate calls timed per round')
   parser.add_argument('--matmul_repeats', type=int, default=5)
   parser.add_argument('--out', default=os.path.join(DOCS, 'gpt_speed.md'))
+  parser.add_argument(
+      '--peer_tunables', choices=('default', 'ours'), default='default',
+      help="the peer's glibc malloc settings: its default, or ours (GLIBC_TUNABLES as the "
+           'Makefile exports it), which slowed it here')
   args = parser.parse_args(argv)
   shape = Shape(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shape)})
   if shape.seq <= PROMPT_LEN:
     parser.error(f'--seq must exceed the {PROMPT_LEN}-token prompt')
-  result = run(shape, args.rounds, args.steps, args.decodes, args.matmul_repeats)
+  ours_tunables = os.environ.get('GLIBC_TUNABLES')
+  env = {'ours': {'GLIBC_TUNABLES': ours_tunables},
+         'peer': {'GLIBC_TUNABLES': ours_tunables if args.peer_tunables == 'ours' else None}}
+  result = run(shape, args.rounds, args.steps, args.decodes, args.matmul_repeats, env)
   command = 'python -m bench.gpt_speed ' + ' '.join(sys.argv[1:] if argv is None else argv)
   page = report(result, command.strip())
   with open(args.out, 'w') as f:

@@ -605,7 +605,7 @@ class MultiHeadAttention(nn.Module):
         cached beside their keys so that later queries skip padded slots.
       deterministic: disables dropout.
       decode: causal self-attention over a KV cache in the 'cache' collection. The first
-        call (inside `init`) shapes the cache from `x_BTD` as `[B, S_max, ...]`; each later
+        call (inside `init`) shapes the cache from `x_BTD` (`[B, N, S_max, H]`); each later
         call writes a chunk of T >= 1 new tokens at `cache_index` and attends to every
         cached slot up to its own (and of the same segment) that `mask` lets it see.
       position_context: a `relative.PositionContext` (query and key position ids, what
@@ -678,15 +678,19 @@ class MultiHeadAttention(nn.Module):
                     segment_ids_BT: Array | None) -> tuple[Array, Array, Array | None]:
     """Writes the new keys/values at `cache_index`; returns the whole cache and its mask.
 
-    The cache is `[B, S_max, N, H]` with one shared `cache_index`: batched prompts of
-    different lengths are left-padded, their padding marked by segment id 0. Writing past
-    S_max is not checked (XLA clamps the slice): size the cache for the whole generation.
+    The cache is stored `[B, N, S_max, H]`, heads before slots: the layout the score and
+    value einsums read, so a decode step reads the cache in place. (Stored `[B, S, N, H]`,
+    XLA:CPU copied the whole cache into that layout at every step, which was most of a
+    decode step's time.) One shared `cache_index`: batched prompts of different lengths
+    are left-padded, their padding marked by segment id 0. Writing past S_max is not
+    checked (XLA clamps the slice): size the cache for the whole generation.
     """
     initialized = self.has_variable('cache', 'cached_key')
     batch_size, length = k_BTNH.shape[:2]
-    cached_key = self.variable('cache', 'cached_key', jnp.zeros, k_BTNH.shape, k_BTNH.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros, v_BTNH.shape,
-                                 v_BTNH.dtype)
+    k_BNTH, v_BNTH = jnp.swapaxes(k_BTNH, 1, 2), jnp.swapaxes(v_BTNH, 1, 2)
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, k_BNTH.shape, k_BNTH.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, v_BNTH.shape,
+                                 v_BNTH.dtype)
     cached_segment_ids = self.variable('cache', 'cached_segment_ids', jnp.zeros,
                                        (batch_size, length), jnp.int32)
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
@@ -698,16 +702,18 @@ class MultiHeadAttention(nn.Module):
       segment_ids_BT = jnp.ones((batch_size, length), jnp.int32)
     index = cache_index.value
     cached_key.value = lax.dynamic_update_slice(
-        cached_key.value, k_BTNH.astype(cached_key.value.dtype), (0, index, 0, 0))
+        cached_key.value, k_BNTH.astype(cached_key.value.dtype), (0, 0, index, 0))
     cached_value.value = lax.dynamic_update_slice(
-        cached_value.value, v_BTNH.astype(cached_value.value.dtype), (0, index, 0, 0))
+        cached_value.value, v_BNTH.astype(cached_value.value.dtype), (0, 0, index, 0))
     cached_segment_ids.value = lax.dynamic_update_slice(
         cached_segment_ids.value, segment_ids_BT.astype(jnp.int32), (0, index))
     cache_index.value = index + length
 
-    cache_len = cached_key.value.shape[1]
+    cache_len = cached_key.value.shape[2]
     mask = CausalMask() if self.mask is None else self.mask
     mask_B1TS = (
         mask(sequence_index(batch_size, length, index), sequence_index(batch_size, cache_len))
         & segment_mask(segment_ids_BT, cached_segment_ids.value))
-    return cached_key.value, cached_value.value, mask_B1TS
+    # Views in the kernels' [B, S, N, H]; XLA folds the swap into the einsums.
+    return (jnp.swapaxes(cached_key.value, 1, 2), jnp.swapaxes(cached_value.value, 1, 2),
+            mask_B1TS)

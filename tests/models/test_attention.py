@@ -205,7 +205,7 @@ def test_cache_decoding_equals_masked_full_attention():
   segments = jnp.array([[1] * length, [0, 0] + [1] * (length - 2)])
   module = _mha()
   variables = jax.jit(functools.partial(module.init, decode=True))(jax.random.key(1, impl='rbg'), x)
-  assert variables['cache']['cached_key'].shape == (batch, length, 2, 3)
+  assert variables['cache']['cached_key'].shape == (batch, 2, length, 3)  # [B, N, S, H]
   assert not variables['cache']['cached_key'].any()
 
   mask = attention.causal_mask(attention.sequence_index(batch, length))
