@@ -41,6 +41,8 @@ import time
 
 import numpy as np
 
+from training import metrics
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(os.path.dirname(HERE), 'docs')
 MATMUL_N = 2048
@@ -334,16 +336,6 @@ def run(shape: Shape, rounds: int, steps: int, decodes: int, matmul_repeats: int
   }
 
 
-def _machine() -> str:
-  cpu = platform.processor() or 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{os.cpu_count()} cores (nproc), {cpu}, Python {platform.python_version()}'
-
-
 def report(result: dict, command: str) -> str:
   """The markdown page: what ran where, a table, and the three headline lines."""
   s, t, d = result['shape'], result['train_tokens_per_s'], result['decode_tokens_per_s']
@@ -351,7 +343,7 @@ def report(result: dict, command: str) -> str:
   lines = [
       '# GPT speed: contextual vs Hugging Face transformers (PyTorch)', '',
       f'Command: `{command}`', '',
-      f'Machine: {_machine()}', '',
+      f'Machine: {metrics.describe_machine()}, Python {platform.python_version()}', '',
       f'Ours: {result["frameworks"]["ours"]}. Peer: {result["frameworks"]["peer"]}.', '',
       (f'GLIBC_TUNABLES: ours {result["glibc_tunables"]["ours"] or "unset"}; peer '
        f'{result["glibc_tunables"]["peer"] or "unset"}.'), '',

@@ -88,16 +88,21 @@ def test_watch_follows_a_running_training_job_to_its_final_step(tmp_path):
   assert sorted(os.listdir(workdir / 'eval'))[-1] == 'step_6.json'
 
 
+def _four_step_overrides(config) -> list[str]:
+  """Flags for train.py: `config`'s data, 4 steps, every step logged, one eval and save."""
+  return [f'--config.data.files={config.data.files}',
+          f'--config.data.data_dir={config.data.data_dir}',
+          f'--config.data.vocab_size={config.data.vocab_size}',
+          '--config.train.num_steps=4', '--config.train.log_every=1',
+          '--config.train.eval_every=4', '--config.train.checkpoint_every=4']
+
+
 def test_sharded_runs_follow_the_single_device_run(tmp_path):
   """data=8, fsdp=8 and data=2 x fsdp=2 x tensor=2 on 8 simulated CPU devices give the
   single-device losses (to float32 reduction-order differences), and their checkpoints
   restore on another mesh."""
   config = tiny_config(tmp_path)
-  overrides = [f'--config.data.files={config.data.files}',
-               f'--config.data.data_dir={config.data.data_dir}',
-               f'--config.data.vocab_size={config.data.vocab_size}',
-               '--config.train.num_steps=4', '--config.train.log_every=1',
-               '--config.train.eval_every=4', '--config.train.checkpoint_every=4']
+  overrides = _four_step_overrides(config)
   losses = {}
   for shape in ('(-1,1,1)', '(8,1,1)', '(1,8,1)', '(2,2,2)'):
     devices = 1 if shape.startswith('(-1') else 8
@@ -141,11 +146,7 @@ def test_two_processes_train_through_jax_distributed_and_restore_on_one(tmp_path
   process packs the same global batch and feeds its own rows of it); one checkpoint,
   readable by 1 process."""
   config = tiny_config(tmp_path)
-  overrides = [f'--config.data.files={config.data.files}',
-               f'--config.data.data_dir={config.data.data_dir}',
-               f'--config.data.vocab_size={config.data.vocab_size}',
-               '--config.train.num_steps=4', '--config.train.log_every=1',
-               '--config.train.eval_every=4', '--config.train.checkpoint_every=4']
+  overrides = _four_step_overrides(config)
   # The reference first: it also prepares the data and tokenizer the two processes share.
   single = tmp_path / 'single'
   subprocess.run([sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny',
