@@ -67,9 +67,11 @@ bench: setup $(VENV)/.bench-stamp
 	  echo "== bench.$$name"; $(PY) -m bench.$$name || exit 1; \
 	done
 
-# Issue 3's study: every positional scheme trained at L, evaluated at L, 2L, 4L, then the
-# attention-scaling study; writes docs/positions.md, docs/attention_scaling.md and plots.
-# Re-running skips finished sweep points and resumes an interrupted one.
+# Issue 3's study: every positional scheme trained at L with each seed of SEEDS in
+# configs/gpt_positions.py (points <scheme>-s<seed>), evaluated at L, 2L, 4L and reported as
+# mean ± std over the seeds, then the attention-scaling study; writes docs/positions.md,
+# docs/attention_scaling.md and plots. Re-running skips finished sweep points and resumes
+# an interrupted one; the report refuses a workdir that mixes in points of another setup.
 positions: data
 	$(PY) -m training.sweep --config=configs/gpt_positions.py --workdir=$(POSITIONS)
 	$(PY) -m training.length_eval --workdir=$(POSITIONS)

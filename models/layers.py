@@ -5,6 +5,7 @@ computes in `dtype`, stores parameters in `param_dtype` and names parameter axes
 shared logical vocabulary (batch, length, embed, mlp, heads, kv, vocab).
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -17,6 +18,51 @@ Initializer = Callable[..., Array]
 
 # GPT-2/BERT initialise weights from N(0, 0.02).
 default_init = nn.initializers.normal(stddev=0.02)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x_BTD: Array, scale_D: Array, bias_D: Array | None, epsilon: float) -> Array:
+  """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis, in x's dtype.
+
+  Its gradient is written by hand (`_layer_norm_bwd`) for the sake of XLA's fusion; the
+  numbers are those of autodiff (tests/models/test_layers.py).
+  """
+  return _layer_norm_fwd(x_BTD, scale_D, bias_D, epsilon)[0]
+
+
+def _layer_norm_fwd(x_BTD, scale_D, bias_D, epsilon):
+  mean_BT1 = jnp.mean(x_BTD, axis=-1, keepdims=True)
+  centered_BTD = x_BTD - mean_BT1
+  std_BT1 = jnp.sqrt(jnp.mean(jnp.square(centered_BTD), axis=-1, keepdims=True) + epsilon)
+  normed_BTD = centered_BTD / std_BT1
+  y_BTD = normed_BTD * scale_D
+  if bias_D is not None:
+    y_BTD = y_BTD + bias_D
+  return y_BTD, (normed_BTD, std_BT1, scale_D, bias_D is not None)
+
+
+def _layer_norm_bwd(epsilon, residuals, dy_BTD):
+  """dx = (g - mean(g) - x̂ · mean(g · x̂)) / std with g = dy · scale.
+
+  The division by std (not a product with 1/std) is deliberate: XLA counts a division as
+  expensive and never duplicates it into several consumers, so dx is computed once per
+  LayerNorm. With a product, XLA:CPU fused the whole chain of residual-stream gradients
+  from all layers above into every consumer of each one, work growing as layers²
+  (docs/benchmarks.md: 21% of the GPT step's kernel time at 4 layers).
+  """
+  del epsilon  # In std already.
+  normed_BTD, std_BT1, scale_D, has_bias = residuals
+  g_BTD = dy_BTD * scale_D
+  mean_g_BT1 = jnp.mean(g_BTD, axis=-1, keepdims=True)
+  mean_gx_BT1 = jnp.mean(g_BTD * normed_BTD, axis=-1, keepdims=True)
+  dx_BTD = (g_BTD - mean_g_BT1 - normed_BTD * mean_gx_BT1) / std_BT1
+  leading = tuple(range(dy_BTD.ndim - 1))
+  dscale_D = jnp.sum(dy_BTD * normed_BTD, axis=leading)
+  dbias_D = jnp.sum(dy_BTD, axis=leading) if has_bias else None
+  return dx_BTD, dscale_D, dbias_D
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerNorm(nn.Module):
@@ -38,16 +84,13 @@ class LayerNorm(nn.Module):
     features = x_BTD.shape[-1]
     scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
                          (features,), self.param_dtype)
-    # Statistics in float32: a bfloat16 variance loses most of its digits.
-    x_BTD = x_BTD.astype(jnp.float32)
-    mean_BT1 = jnp.mean(x_BTD, axis=-1, keepdims=True)
-    var_BT1 = jnp.mean(jnp.square(x_BTD - mean_BT1), axis=-1, keepdims=True)
-    y_BTD = (x_BTD - mean_BT1) * jax.lax.rsqrt(var_BT1 + self.epsilon)
-    y_BTD = y_BTD * scale_D.astype(jnp.float32)
+    bias_D = None
     if self.use_bias:
       bias_D = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
-                          (features,), self.param_dtype)
-      y_BTD = y_BTD + bias_D.astype(jnp.float32)
+                          (features,), self.param_dtype).astype(jnp.float32)
+    # Statistics in float32: a bfloat16 variance loses most of its digits.
+    y_BTD = layer_norm(x_BTD.astype(jnp.float32), scale_D.astype(jnp.float32), bias_D,
+                       self.epsilon)
     return y_BTD.astype(self.dtype)
 
 

@@ -1,7 +1,7 @@
 """Length generalisation: a finished run's validation perplexity at L, 2L, 4L, ...
 
   python -m training.length_eval --workdir=workdirs/positions          # every point of a sweep
-  python -m training.length_eval --workdir=workdirs/positions/rope --factors=1,2,4
+  python -m training.length_eval --workdir=workdirs/positions/rope-s0 --factors=1,2,4
 
 The run's config is re-built with `data.seq_len` (and the model's `max_len`, which follows
 it) set to factor·L, the final checkpoint is restored into it, and `loop.evaluate` runs over
@@ -114,12 +114,13 @@ def run_dirs(workdir: str) -> dict[str, str]:
 
 
 def format_table(results: dict[str, dict]) -> str:
+  width = max(12, *(len(name) for name in results))  # sweep names like 'sinusoidal-s2'
   lines = []
   for name, r in results.items():
     cells = [f'{v["perplexity"]:.2f}' if v else 'n/a' for v in r['lengths'].values()]
-    lines.append(f'{name:<12} ' + ' '.join(f'{c:>9}' for c in cells))
+    lines.append(f'{name:<{width}} ' + ' '.join(f'{c:>9}' for c in cells))
   header = ' '.join(f'{"T=" + str(t):>9}' for t in next(iter(results.values()))['lengths'])
-  return f'{"perplexity":<12} {header}\n' + '\n'.join(lines)
+  return f'{"perplexity":<{width}} {header}\n' + '\n'.join(lines)
 
 
 def main(argv=None) -> None:

@@ -32,6 +32,36 @@ def test_layer_norm_formula_and_dtype():
   assert out_bf16.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_layer_norm_gradient_equals_autodiff_of_its_formula(use_bias):
+  # The hand-written backward against jax's derivative of the plain formula, for x, scale
+  # and bias, with a non-trivial cotangent and a scale/bias away from their init.
+  x, dy = _normal(2, (3, 5, 16)) * 3 + 0.5, _normal(3, (3, 5, 16))
+  scale, bias = 1 + 0.5 * _normal(4, (16,)), _normal(5, (16,)) if use_bias else None
+
+  def formula(x, scale, bias):
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale
+    return y if bias is None else y + bias
+
+  ours = lambda x, scale, bias: layers.layer_norm(x, scale, bias, 1e-5)
+  out, vjp = jax.vjp(ours, x, scale, bias)
+  expected_out, expected_vjp = jax.vjp(formula, x, scale, bias)
+  np.testing.assert_allclose(out, expected_out, atol=1e-5)
+  for got, want in zip(vjp(dy), expected_vjp(dy)):
+    if want is None:
+      assert got is None
+    else:
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # And through the module, bfloat16 in and out: gradients reach x in x's dtype.
+  module = layers.LayerNorm(dtype=jnp.bfloat16, use_bias=use_bias)
+  variables = module.init(jax.random.key(0), x.astype(jnp.bfloat16))
+  dx = jax.grad(lambda x: module.apply(variables, x).astype(jnp.float32).sum())(
+      x.astype(jnp.bfloat16))
+  assert dx.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(dx.astype(jnp.float32))))
+
+
 def test_mlp_formula():
   x = _normal(1, (2, 3, 8))
   params, out = _init_apply(layers.Mlp(hidden_dim=16), x)

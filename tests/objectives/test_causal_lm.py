@@ -64,3 +64,7 @@ def test_cross_entropy_and_its_gradient_match_log_softmax():
   grad = jax.grad(lambda x: jnp.sum(causal_lm.cross_entropy(x, targets)[0] ** 2))(logits)
   expected = jax.grad(lambda x: jnp.sum(reference(x) ** 2))(logits)
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+  # bfloat16 logits: the loss is taken in float32 and the gradient comes back in bfloat16.
+  grad_bf16 = jax.grad(lambda x: jnp.sum(causal_lm.cross_entropy(x, targets)[0]))(
+      logits.astype(jnp.bfloat16))
+  assert grad_bf16.dtype == jnp.bfloat16

@@ -1,7 +1,9 @@
 """The sweep runner, the length evaluation, the positions report and the scaling study."""
 
+import json
 import math
 import os
+import statistics
 
 import numpy as np
 import pytest
@@ -100,24 +102,180 @@ def test_positions_report_writes_the_doc_and_plot(finished_sweep, tmp_path):
   positions_report.write(workdir, out, 'make positions')
   text = open(out).read()
   assert 'n/a (no embedding beyond L)' in text
-  assert '| rope | no | 0 |' in text
+  assert '| rope | 1 | no | 0 |' in text  # one seed: no spread
+  assert 'trained with one seed, so no spread is shown' in text
   assert open(tmp_path / 'positions.png', 'rb').read()[:4] == b'\x89PNG'
 
 
-def test_the_positions_sweep_differs_only_in_the_scheme():
+def test_the_positions_sweep_differs_only_in_the_scheme_and_seed():
   points = sweep.points('configs/gpt_positions.py')
-  assert [p.name for p in points] == list(gpt_positions.SCHEMES)
+  assert [p.name for p in points] == [f'{scheme}-s{seed}' for seed in gpt_positions.SEEDS
+                                      for scheme in gpt_positions.SCHEMES]
+  assert len(gpt_positions.SEEDS) >= 3
   dicts = [p.config.to_dict() for p in points]
   for d, p in zip(dicts, points):
-    assert d['model'].pop('position') == p.name
+    scheme, seed = p.name.rsplit('-s', 1)
+    assert d['model'].pop('position') == scheme
+    # The seed sets both the initialisation and the order of the training data.
+    assert d.pop('seed') == d['data'].pop('seed') == int(seed)
   assert all(d == dicts[0] for d in dicts)
   assert points[0].config.model.max_len == points[0].config.data.seq_len
+
+
+def test_the_positions_sweep_takes_a_number_of_seeds_and_passes_the_rest_on():
+  points = sweep.points('configs/gpt_positions.py:seeds=2,steps=10')
+  assert [p.name for p in points][:2] == ['none-s0', 'learned-s0']
+  assert len(points) == 2 * len(gpt_positions.SCHEMES)
+  assert {p.config.seed for p in points} == {0, 1}
+  assert {p.config.train.num_steps for p in points} == {10}
+  with pytest.raises(ValueError, match='seeds=N'):
+    gpt_positions.sweep('seed=3')
+  with pytest.raises(ValueError, match='at least one seed'):
+    gpt_positions.sweep('seeds=0')
+
+
+def test_a_positions_config_without_seed_is_seed_0():
+  config = gpt_positions.get_config('position=alibi')
+  assert config.seed == config.data.seed == 0 and config.model.position == 'alibi'
+  config = gpt_positions.get_config('position=alibi,seed=4')
+  assert config.seed == config.data.seed == 4
 
 
 @pytest.mark.parametrize('name', gpt_positions.SCHEMES)
 def test_only_learned_fixes_the_set_of_positions(name):
   model = gpt_positions.get_config(f'position={name}').model.to_dict()
   assert length_eval.fixed_positions(model) == (name == 'learned')
+
+
+# Synthetic runs for the report: {scheme: [(ppl at L, ppl(4L) / ppl(L)) per seed]}. At 2L
+# the perplexity has made a third of its change. The ratios put each scheme in one case of
+# the verdict rule.
+SYNTHETIC = {
+    'none': [(40.0, 1.000), (42.0, 1.005), (44.0, 1.010)],     # band within 1.02: no
+    'learned': [(50.0, None), (52.0, None), (54.0, None)],     # no embedding beyond L
+    'sinusoidal': [(90.0, 1.2), (95.0, 1.3), (100.0, 1.1)],   # over 1.5 x none: did not train
+    't5': [(36.0, 1.06), (37.0, 1.10), (38.0, 1.14)],          # band crosses 1.10
+    'rope': [(30.0, 1.05), (31.0, 1.06), (32.0, 1.07)],        # band within (1.02, 1.10]
+    'alibi': [(33.0, 1.00), (34.0, 1.03), (35.0, 1.06)],       # band crosses 1.02
+}
+
+
+def _write_synthetic_sweep(workdir, runs=SYNTHETIC, train_len=64):
+  """result.json per point and length_eval.json, as the sweep and length_eval write them."""
+  evals = {}
+  for scheme, per_seed in runs.items():
+    for seed, (ppl, ratio) in enumerate(per_seed):
+      name = f'{scheme}-s{seed}'
+      config = gpt_positions.get_config(f'position={scheme},seed={seed}').to_dict()
+      os.makedirs(os.path.join(workdir, name))
+      with open(os.path.join(workdir, name, sweep.RESULT), 'w') as f:
+        json.dump({'name': name, 'steps': 500, 'train_seconds': 10.0 + seed,
+                   'validation': {'perplexity': ppl}, 'config': config}, f)
+      reports = [None if ratio is None and factor > 1 else
+                 {'perplexity': ppl * (1 + (factor - 1) / 3 * ((ratio or 1) - 1)),
+                  'loss': 0.0, 'accuracy': 0.0, 'tokens': 32000.0, 'seconds': 1.0}
+                 for factor in (1, 2, 4)]
+      evals[name] = {'position': scheme, 'fixed_positions': ratio is None,
+                     'params_added': 4096 if ratio is None else 0, 'train_len': train_len,
+                     'step': 500, 'lengths': {str(train_len * f): r
+                                              for f, r in zip((1, 2, 4), reports)}}
+  with open(os.path.join(workdir, length_eval.OUTPUT), 'w') as f:
+    json.dump(evals, f, sort_keys=True)  # by name, as checkpoint.write_json has them
+
+
+def _pm(values, digits, scale=1.0, sign='', unit=''):
+  """'mean ± sample std' computed here independently of the report."""
+  return (f'{statistics.mean(values) * scale:{sign}.{digits}f}{unit} ± '
+          f'{statistics.stdev(values) * scale:.{digits}f}{unit}')
+
+
+def _row(text, scheme):
+  return next(line for line in text.splitlines() if line.startswith(f'| {scheme} |'))
+
+
+def test_positions_report_aggregates_seeds_with_mean_and_sample_std(tmp_path):
+  workdir, out = str(tmp_path / 'w'), str(tmp_path / 'positions.md')
+  _write_synthetic_sweep(workdir)
+  positions_report.write(workdir, out, 'make positions')
+  text = open(out).read()
+  none = [p for p, _ in SYNTHETIC['none']]
+  for scheme in ('none', 'rope', 'alibi', 't5'):
+    row = _row(text, scheme).split(' | ')
+    ppl = [p for p, _ in SYNTHETIC[scheme]]
+    ratios = [r for _, r in SYNTHETIC[scheme]]
+    assert row[1:4] == ['3', 'no', '0']  # seeds, fixed set of positions, params added
+    assert row[4] == _pm(ppl, 2)  # at L
+    assert row[5] == _pm([p * (1 + (r - 1) / 3) for p, r in SYNTHETIC[scheme]], 2)  # 2L
+    assert row[6] == _pm([p * r for p, r in SYNTHETIC[scheme]], 2)  # 4L
+    assert row[7] == _pm([p / b for p, b in zip(ppl, none)], 2)  # L vs none, paired by seed
+    assert row[8] == _pm(ratios, 3)  # 4L / L, per seed then aggregated
+    change = _pm([r - 1 for r in ratios], 1, scale=100, sign='+', unit='%')
+    assert f'perplexity at 4L is {change} vs L' in row[9]
+  assert _row(text, 'none').split(' | ')[9].startswith('no: ')
+  assert _row(text, 'rope').split(' | ')[9].startswith('mildly: ')
+  assert _row(text, 'rope').endswith('| does not | partly |')
+  assert _row(text, 'alibi').split(' | ')[9].startswith('within noise, no or mildly: ')
+  assert _row(text, 'alibi').endswith('| does not | yes |')
+  assert _row(text, 't5').split(' | ')[9].startswith('within noise, mildly or yes: ')
+  assert _row(text, 't5').endswith('| does not |  |')  # undecided
+  learned = _row(text, 'learned')
+  assert '| 52.00 ± 2.00 | n/a (no embedding beyond L) | n/a (no embedding beyond L) |' in learned
+  assert 'yes: it cannot run past L at all' in learned and learned.endswith('| hinders | yes |')
+  sinusoidal = _row(text, 'sinusoidal')
+  assert 'inconclusive: it did not train at L' in sinusoidal
+  assert '**sinusoidal** did not train at L: perplexity 95.0 ± 5.0' in text
+  # Schemes in the order of CONSTRUCTION, whatever the order of the JSON.
+  order = [line.split(' | ')[0][2:] for line in text.splitlines() if line.startswith('| ')][1:]
+  assert order == [s for s in positions_report.CONSTRUCTION if s in SYNTHETIC]
+  assert 'trained with 3 seeds (of 0, 1, 2)' in text and 'sample standard deviation' in text
+  assert 'seeds 0, 1, 2 (`seed` and `data.seed`' in text
+  assert 'rope 33s' in text  # training wall time summed over the seeds: 10 + 11 + 12
+  assert 'rope, alibi' not in text  # alibi agrees within noise
+  assert 'from the usual claim: rope.' in text
+  assert open(tmp_path / 'positions.png', 'rb').read()[:4] == b'\x89PNG'
+
+
+def test_positions_report_with_one_seed_shows_no_spread(tmp_path):
+  workdir, out = str(tmp_path / 'w'), str(tmp_path / 'positions.md')
+  _write_synthetic_sweep(workdir, {s: runs[:1] for s, runs in SYNTHETIC.items()})
+  positions_report.write(workdir, out, 'make positions')
+  text = open(out).read()
+  assert _row(text, 'alibi').startswith(
+      f'| alibi | 1 | no | 0 | 33.00 | 33.00 | 33.00 | {33 / 40:.2f} | 1.000 | '
+      'no: perplexity at 4L is +0.0% vs L |')
+  assert not [line for line in text.splitlines() if line.startswith('| ') and '±' in line]
+  assert 'trained with one seed, so no spread is shown' in text
+
+
+def test_positions_report_refuses_two_runs_of_a_scheme_with_one_seed(tmp_path):
+  workdir = str(tmp_path / 'w')
+  _write_synthetic_sweep(workdir, {'none': SYNTHETIC['none'][:1], 'rope': SYNTHETIC['rope']})
+  evals = json.load(open(os.path.join(workdir, length_eval.OUTPUT)))
+  results = {n: sweep.read_result(workdir, n) for n in evals}
+  results['rope'], evals['rope'] = results['rope-s0'], evals['rope-s0']  # an older point
+  with pytest.raises(ValueError, match='rope-s0 and rope are both rope with seed 0'):
+    positions_report.group(evals, results)
+  del results['rope'], evals['rope']
+  results['rope-s1']['config']['train']['num_steps'] = 10
+  with pytest.raises(ValueError, match='differ in more than the scheme and seed'):
+    positions_report.group(evals, results)
+
+
+@pytest.mark.parametrize('ratios, answer, hinders', [
+    ((1.00, 1.01), 'no', False),
+    ((1.05, 1.07), 'mildly', False),
+    ((1.12, 1.14), 'yes', True),
+    ((1.01, 1.04), 'within noise, no or mildly', False),
+    ((1.08, 1.12), 'within noise, mildly or yes', None),
+    ((1.00, 1.20), 'within noise, no or yes', None),
+    ((1.019,), 'no', False),  # one seed: the mean alone decides
+])
+def test_the_verdict_holds_only_beyond_the_spread(ratios, answer, hinders):
+  runs = [positions_report.Run(f'x-s{i}', i, {'lengths': {'64': {'perplexity': 10.0},
+                                                          '256': {'perplexity': 10.0 * r}}},
+                               {}) for i, r in enumerate(ratios)]
+  text, got = positions_report.verdict(runs)
+  assert text.startswith(answer + ':') and got is hinders
 
 
 def test_unscaled_attention_saturates_with_d_k_and_scaled_does_not():
