@@ -47,15 +47,15 @@ VARIANTS = {
 GROWTH_NOTE = """\
 Reading the sparse `x2` columns: the compiled sparse steps do exactly twice the FLOPs and
 bytes (XLA's cost analysis) per doubling of T, with the same ops at every T. What does not
-scale linearly is memory management around them: XLA:CPU allocates a step's temporaries
-(the MB columns) afresh on every call, and once they outgrow malloc's mmap threshold
-(32 MB at most) each call maps new pages, which the OS faults in and zeroes one by one
-(`*_faults` in the JSON: about 256 per MB of temporaries per step, none below the
-threshold). The sparse steps cross it between T = 1024 and 2048; that one doubling grows
-by x3 or more, the others by about x2. (Until models/block_sparse.py computed each key
-block column on its own, the matrix multiplies' packed copies of the K·b-wide key and
-value operands crossed the same threshold between T = 4096 and 8192, for another x2.5-2.8,
-and gathers and scatter-adds of K copies of the keys made every step slower.)"""
+scale linearly is memory around them. (1) XLA:CPU allocates a step's temporaries (the MB
+columns) afresh on every call; with glibc's defaults, once they outgrow malloc's mmap
+threshold (32 MB at most), each call maps new pages that the OS faults in and zeroes one by
+one (`*_faults` in the JSON: about 256 per MB per step), which made the 1024 -> 2048
+doubling cost x3.3-3.5. `make bench` runs with the Makefile's GLIBC_TUNABLES, which keep
+that memory mapped: no faults at any T. (2) The doubling at which the temporaries outgrow
+this machine's 32 MB L3 cache (lscpu) still costs more than x2: that the cache is the cause
+is likely, not measured. (Until models/block_sparse.py computed each key block column on
+its own, gathers and scatter-adds of K copies of the keys made every step slower.)"""
 
 
 def _step(kernel, pattern, length):
