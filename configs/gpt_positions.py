@@ -23,7 +23,8 @@ from configs import gpt
 
 # Every scheme registered in models/positions.py, in the order the table lists them.
 SCHEMES = ('none', 'learned', 'sinusoidal', 'shaw', 't5', 'rope', 'alibi', 'deberta')
-# Seeds per scheme: with one, differences of a percent or two are noise.
+# Seeds per scheme (the sweep's default; `seeds=N` runs 0..N-1): with one, differences of a
+# percent or two are noise.
 SEEDS = (0, 1, 2)
 
 # Sized to train in a minute or two on a shared 2-core CPU.
@@ -59,20 +60,15 @@ def point_name(scheme: str, seed: int) -> str:
 def sweep(arg: str | None = None) -> dict[str, str]:
   """{point name: get_config argument}: one point per (seed, scheme).
 
-  `arg` is passed to each point, except `seeds=N`, which picks the seeds 0..N-1 instead of
-  SEEDS. A `seed=` would give every point the same seed, so it is refused.
+  `arg` takes `seeds=N` (the seeds 0..N-1; default SEEDS) and get_config's `steps` and
+  `seq_len`, passed to every point. A `seed=` would give every point the same seed, so it
+  is refused.
   """
-  seeds, rest = SEEDS, []
-  for item in filter(None, (arg or '').split(',')):
-    key, _, value = item.partition('=')
-    if key == 'seed':
-      raise ValueError('the sweep sets seed= per point; use seeds=N for the first N seeds')
-    if key == 'seeds':
-      seeds = tuple(range(int(value)))
-    else:
-      rest.append(item)
-  if not seeds:
-    raise ValueError(f'seeds={len(seeds)}: the sweep needs at least one seed')
-  extra = ''.join(f',{item}' for item in rest)
-  return {point_name(scheme, seed): f'position={scheme},seed={seed}{extra}'
-          for seed in seeds for scheme in SCHEMES}
+  if ',seed=' in f',{arg or ""}':
+    raise ValueError('the sweep sets seed= per point; use seeds=N for the first N seeds')
+  arg = common.parse_arg(arg, seeds=len(SEEDS), steps=STEPS, seq_len=TRAIN_LEN)
+  if arg.seeds < 1:
+    raise ValueError(f'seeds={arg.seeds}: the sweep needs at least one seed')
+  shared = f'steps={arg.steps},seq_len={arg.seq_len}'
+  return {point_name(scheme, seed): f'position={scheme},seed={seed},{shared}'
+          for seed in range(arg.seeds) for scheme in SCHEMES}
