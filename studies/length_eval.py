@@ -1,7 +1,7 @@
 """Length generalisation: a finished run's validation perplexity at L, 2L, 4L, ...
 
-  python -m training.length_eval --workdir=workdirs/positions          # every point of a sweep
-  python -m training.length_eval --workdir=workdirs/positions/rope-s0 --factors=1,2,4
+  python -m studies.length_eval --workdir=workdirs/positions          # every point of a sweep
+  python -m studies.length_eval --workdir=workdirs/positions/rope-s0 --factors=1,2,4
 
 The run's config is re-built with `data.seq_len` (and the model's `max_len`, which follows
 it) set to factor·L, the final checkpoint is restored into it, and `loop.evaluate` runs over

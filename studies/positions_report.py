@@ -1,9 +1,9 @@
 """Writes docs/positions.md and its plot from a positions sweep and its length evaluation.
 
-  python -m training.positions_report --workdir=workdirs/positions --out=docs/positions.md
+  python -m studies.positions_report --workdir=workdirs/positions --out=docs/positions.md
 
 Every number comes from the sweep's `<point>/result.json` files and `length_eval.json`
-(training/sweep.py, training/length_eval.py); nothing here is typed by hand but the
+(training/sweep.py, studies/length_eval.py); nothing here is typed by hand but the
 description of how each scheme is built and what is usually claimed for it.
 
 The runs are grouped by scheme (`model.position`); the runs of a scheme differ in their seed
@@ -21,7 +21,7 @@ import math
 import os
 import platform
 
-from training import length_eval
+from studies import length_eval
 from training import metrics as metrics_lib
 from training import sweep as sweep_lib
 
@@ -420,7 +420,7 @@ validation perplexity is measured at L, 2L and 4L with `loop.evaluate`, the code
 training's own evaluation (at L, each run reproduces its final logged validation).
 
 Command: `{command}` (`configs/gpt_positions.py`, `training/sweep.py`,
-`training/length_eval.py`, `training/positions_report.py`)
+`studies/length_eval.py`, `studies/positions_report.py`)
 
 Model: {model_line(cfg, seed_list)}
 

@@ -1,6 +1,6 @@
 """Why attention divides by sqrt(d_k): softmax saturation and gradients, scaled vs unscaled.
 
-  python -m training.scaling_study --out=docs/attention_scaling.md   # and a .png beside it
+  python -m studies.scaling_study --out=docs/attention_scaling.md   # and a .png beside it
 
 One attention op of our module (`models.attention.attend`, 'scaled_dot' vs 'dot' score) on
 random q, k, v with unit-variance entries. q·k then has variance d_k, so unscaled logits
@@ -144,7 +144,7 @@ def write_doc(records: list[dict], setup: Setup, out: str) -> None:
   plot(records, png)
   text = f"""# Attention scaling: softmax saturation and gradients as d_k grows
 
-Command: `.venv/bin/python -m training.scaling_study --out={out}` (run by `make positions`)
+Command: `.venv/bin/python -m studies.scaling_study --out={out}` (run by `make positions`)
 
 Machine: {metrics.describe_machine()}
 

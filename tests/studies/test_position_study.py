@@ -10,9 +10,9 @@ import pytest
 
 from configs import gpt_positions
 from tests.training.test_loop import tiny_config
-from training import length_eval
-from training import positions_report
-from training import scaling_study
+from studies import length_eval
+from studies import positions_report
+from studies import scaling_study
 from training import sweep
 
 

@@ -1,0 +1,1 @@
+"""The research studies: sweeps' reports, tables and plots over finished runs."""
