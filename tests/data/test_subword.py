@@ -115,7 +115,10 @@ def test_word_starts_byte_bpe():
   for p in pieces:
     start = not words or p[0] == 'Ġ' or words[-1][-1] == 'Ċ' or p == 'Ċ'
     starts.append(start)
-    words.append(p) if start else words.__setitem__(-1, words[-1] + p)
+    if start:
+      words.append(p)
+    else:
+      words[-1] += p
   assert [w.lstrip('Ġ') for w in words] == ['Let', 'darkness,', 'light', 'Ċ', 'void']
   assert sum(starts) < len(ids)  # some pieces continue a word
   np.testing.assert_array_equal(tok.word_starts(ids), starts)
@@ -179,16 +182,19 @@ def test_too_small_vocab_is_an_error():
     subword.train('wordpiece', CORPUS, 20)  # the corpus has more than 15 characters
 
 
-def test_trains_on_the_real_corpus(real_verses):
-  texts = list(real_verses['kjv'].values())[:3000]
+def test_trains_on_the_real_corpus(real_data_dir):
+  from data import pipeline  # pylint: disable=g-import-not-at-top
+  source = pipeline.data_source(pipeline.DataConfig(data_dir=str(real_data_dir)), 'train')
+  texts = [pipeline._text(source[i], 'text') for i in range(0, len(source), 80)]
   for kind in subword.KINDS:
     tok = subword.train(kind, texts, 1000)
     assert tok.vocab_size == 1000
     ids = tok.encode(texts[0])
-    assert len(ids) < len(texts[0]) / 2  # it learned whole words
-    expected = texts[0] if kind == 'byte_bpe' else None
-    if expected is not None:
-      assert tok.decode(ids) == expected
+    assert len(ids) < len(texts[0]) / 2.5  # it learned whole words
+    if kind == 'byte_bpe':
+      assert tok.decode(ids) == texts[0]
+    else:
+      assert tok.decode(ids).replace(' ', '') == texts[0].lower().replace(' ', '')
 
 
 # ---------------------------------------------------------------------------------------
