@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: LayerNorm, the feed-forward Mlp, Embed.
+"""Building blocks shared by the model families: LayerNorm, RMSNorm, the feed-forward Mlp,
+Embed.
 
 Dims as in attention.py, plus F (feed-forward width) and V (vocabulary). Every module
 computes in `dtype`, stores parameters in `param_dtype` and names parameter axes with the
@@ -94,13 +95,49 @@ class LayerNorm(nn.Module):
     return y_BTD.astype(self.dtype)
 
 
-class Mlp(nn.Module):
-  """Position-wise feed-forward block: Dense D -> F, GELU, Dense F -> D, dropout.
+class RMSNorm(nn.Module):
+  """Root-mean-square normalisation (Zhang & Sennrich 2019; T5): x / rms(x) * scale.
 
-  The dropout sits on the output, where GPT-2 drops the residual branch.
+  No centring and no shift; `use_bias` is accepted so that a block can pick a norm by name.
+  """
+  epsilon: float = 1e-6
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                         (x_BTD.shape[-1],), self.param_dtype)
+    x_BTD = x_BTD.astype(jnp.float32)
+    mean_square_BT1 = jnp.mean(jnp.square(x_BTD), axis=-1, keepdims=True)
+    y_BTD = x_BTD * jax.lax.rsqrt(mean_square_BT1 + self.epsilon) * scale_D.astype(jnp.float32)
+    return y_BTD.astype(self.dtype)
+
+
+NORMS: dict[str, type[nn.Module]] = {'layer': LayerNorm, 'rms': RMSNorm}
+
+# Activations of the MLP by name; a 'g' prefix gates it (Shazeer 2020): act(x W) * (x V).
+_ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
+    'gelu': functools.partial(nn.gelu, approximate=False),  # BERT's exact erf GELU
+    'gelu_tanh': functools.partial(nn.gelu, approximate=True),  # GPT-2's tanh approximation
+    'relu': nn.relu,
+    'silu': nn.silu,
+}
+_GATED = {'geglu': 'gelu', 'geglu_tanh': 'gelu_tanh', 'reglu': 'relu', 'swiglu': 'silu'}
+ACTIVATIONS = (*_ACTIVATION_FNS, *_GATED)
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward block: Dense D -> F, activation, Dense F -> D, dropout.
+
+  The dropout sits on the output, where GPT-2 drops the residual branch. A gated
+  activation (`geglu`, `swiglu`, ...) multiplies the activated branch by a second,
+  linear projection `fc_gate` (T5 v1.1, LLaMA).
 
   Attributes:
     hidden_dim: F.
+    activation: a name in ACTIVATIONS.
     dropout_rate: dropout on the output.
     dtype: compute dtype.
     param_dtype: storage dtype of the parameters.
@@ -109,6 +146,7 @@ class Mlp(nn.Module):
     out_kernel_init: initializer of the second projection (GPT-2 scales it by depth).
   """
   hidden_dim: int
+  activation: str = 'gelu_tanh'
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -118,13 +156,17 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, *, deterministic: bool = True) -> Array:
-    h_BTF = nn.Dense(
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'unknown activation {self.activation!r} (known: {", ".join(ACTIVATIONS)})')
+    project_in = lambda name: nn.Dense(
         self.hidden_dim, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.with_logical_partitioning(self.kernel_init, ('embed', 'mlp')),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('mlp',)),
-        name='fc_in')(x_BTD)
-    # The tanh approximation of GELU, as GPT-2 and BERT were trained with.
-    h_BTF = nn.gelu(h_BTF, approximate=True)
+        name=name)(x_BTD)
+    gated = self.activation in _GATED
+    h_BTF = _ACTIVATION_FNS[_GATED.get(self.activation, self.activation)](project_in('fc_in'))
+    if gated:
+      h_BTF = h_BTF * project_in('fc_gate')
     h_BTF = nn.with_logical_constraint(h_BTF, ('batch', 'length', 'mlp'))
     y_BTD = nn.Dense(
         x_BTD.shape[-1], use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,

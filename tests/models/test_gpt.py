@@ -12,6 +12,7 @@ import pytest
 import models
 from models import gpt
 from models import layers
+from models import transformer
 
 TINY = dict(vocab_size=32, max_len=16, num_layers=2, num_heads=2, embed_dim=16, mlp_dim=32)
 
@@ -133,7 +134,7 @@ def test_kv_cache_decoding_equals_full_forward(tiny):
 
 def test_gpt2_initialisation_scales_residual_projections():
   config = gpt.GPTConfig(**{**TINY, 'num_layers': 8, 'embed_dim': 64, 'num_heads': 4})
-  block = gpt.DecoderBlock(config)
+  block = transformer.Block(config, config.mask_pattern)
   init = jax.jit(functools.partial(block.init, mask_B1TS=None, segment_ids_BT=None,
                                    deterministic=True, decode=False))
   params = nn.unbox(init(jax.random.key(0, impl='rbg'), jnp.zeros((1, 4, 64))))['params']
