@@ -77,14 +77,96 @@ def test_eval_reproduces_the_training_runs_own_validation(tmp_path):
   assert os.path.exists(os.path.join(workdir, 'eval', 'step_6.json'))
 
 
-def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
-  """Slices of a batch, accumulated, give the whole batch's loss, gradients and update."""
-  config = tiny_config(tmp_path)
+def assert_trees_close(a, b, rtol=1e-5, scale=1e-4):
+  """Equal up to float32 reduction-order noise, `scale` times b's largest magnitude.
+
+  A bare tiny atol passes or fails by the order in which one machine's kernels sum: an
+  element that is a difference of large terms keeps their absolute rounding error (seen:
+  1.8e-8, rel 2.4e-5, against atol=1e-8). The scale is the whole tree's, not each leaf's:
+  a leaf whose gradient is 0 in exact arithmetic (the attention key's bias) holds only
+  such noise.
+  """
+  largest = max(float(np.abs(np.asarray(x)).max(initial=0)) for x in jax.tree.leaves(b))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=scale * largest),
+               a, b)
+
+
+@pytest.fixture(scope='module')
+def experiment(tmp_path_factory):
+  """(exp, initial state, a batch) of the tiny config, with a nonzero learning rate at step 0.
+
+  No warmup, so the first update moves every parameter; Adam's eps is 1e-3 so an update
+  stays proportional to small gradients (with eps=1e-8 a gradient near 1e-8 becomes a full
+  step whose size turns on its last bits, and the update comparisons below would be luck).
+  """
+  config = tiny_config(tmp_path_factory.mktemp('experiment'), num_steps=20)
+  config.unlock()
+  config.optimizer.warmup_steps = 0
+  config.optimizer.eps = 1e-3
+  config.lock()
   exp = loop.build(config)
   state, _ = step_lib.create_state(jax.random.key(0), exp.model, exp.tx, exp.sample_inputs,
                                    exp.mesh, exp.rules)
   batch = next(loop.pipeline.train_iterator(exp.data, exp.tokenizer))
+  return exp, state, batch
+
+
+def _train_step(exp, loss_fn=None, microbatches=1):
+  return jax.jit(functools.partial(
+      step_lib.train_step, loss_fn=loss_fn or exp.objective.loss_fn, model=exp.model, seed=0,
+      learning_rate_fn=exp.learning_rate_fn, microbatches=microbatches))
+
+
+def test_a_few_steps_lower_the_training_loss_well_below_its_start(experiment):
+  exp, state, batch = experiment
+  batch = {n: jnp.asarray(v) for n, v in batch.items()}
+  step = _train_step(exp)
+  losses = []
+  for _ in range(8):
+    state, m = step(state, batch)
+    losses.append(float(m['loss']))
+  # ~ln(128) = 4.85 at the start; a model fitting this one batch falls well below it.
+  assert losses[-1] < losses[0] - 0.5, losses
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+@jax.custom_vjp
+def _nan_gradient(x):
+  return x
+
+
+_nan_gradient.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.nan,))
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_leaves_the_state_as_it_was(experiment):
+  exp, state, batch = experiment
+  batch = {n: jnp.asarray(v) for n, v in batch.items()}
+  first = sorted(step_lib.finite_flags(0.0, state.params))[1]  # 'grad/<a parameter>'
+
+  def poisoned(params, batch, rng, **kwargs):  # the same loss; NaN gradient for one leaf
+    leaves, tree = jax.tree.flatten(params)
+    paths = ['grad/' + jax.tree_util.keystr(p, simple=True, separator='/')
+             for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    leaves = [_nan_gradient(x) if path == first else x for path, x in zip(paths, leaves)]
+    return exp.objective.loss_fn(jax.tree.unflatten(tree, leaves), batch, rng, **kwargs)
+
+  new_state, m = _train_step(exp, loss_fn=poisoned)(state, batch)
+  finite = {name: bool(flag) for name, flag in m['finite'].items()}
+  assert np.isfinite(float(m['loss'])) and finite['loss']
+  assert [name for name, ok in finite.items() if not ok] == [first]
+  assert int(new_state.step) == 1  # the step counts, the update is not applied
+  jax.tree.map(np.testing.assert_array_equal, new_state.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, new_state.opt_state, state.opt_state)
+
+
+def test_gradient_accumulation_equals_the_whole_batch(experiment):
+  """Slices of a batch, accumulated, give the whole batch's loss, gradients and update
+  (parameters and optimizer state, after a step whose learning rate is not 0)."""
+  exp, state, batch = experiment
+  assert float(exp.learning_rate_fn(0)) > 0
+  batch = dict(batch)
   # Unequal token counts per slice, so a plain mean of the slices' losses would be wrong.
+  batch['segment_ids'] = batch['segment_ids'].copy()
   batch['segment_ids'][1::2, -5:] = 0
   batch = {n: jnp.asarray(v) for n, v in batch.items()}
   rng = jax.random.key(1)
@@ -93,16 +175,15 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
     grads = jax.jit(functools.partial(
         step_lib.accumulated_gradients, loss_fn=exp.objective.loss_fn, model=exp.model,
         microbatches=k))(state.params, batch, rng)
-    step = jax.jit(functools.partial(
-        step_lib.train_step, loss_fn=exp.objective.loss_fn, model=exp.model, seed=0,
-        learning_rate_fn=exp.learning_rate_fn, microbatches=k))
-    return grads, step(state, batch)[0].params
+    return grads, _train_step(exp, microbatches=k)(state, batch)[0]
 
-  (loss_1, sums_1, grads_1), params_1 = run(1)
+  (loss_1, sums_1, grads_1), state_1 = run(1)
+  update_1 = jax.tree.map(jnp.subtract, state_1.params, state.params)
+  assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(update_1))
   for k in (2, 4):
-    (loss_k, sums_k, grads_k), params_k = run(k)
+    (loss_k, sums_k, grads_k), state_k = run(k)
     np.testing.assert_allclose(loss_k, loss_1, rtol=1e-6)
     assert float(sums_k['weight']) == float(sums_1['weight'])
-    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-    jax.tree.map(close, grads_k, grads_1)
-    jax.tree.map(close, params_k, params_1)
+    assert_trees_close(grads_k, grads_1)
+    assert_trees_close(jax.tree.map(jnp.subtract, state_k.params, state.params), update_1)
+    assert_trees_close(state_k.opt_state, state_1.opt_state)

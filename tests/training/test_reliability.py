@@ -2,6 +2,7 @@
 
 import glob
 import importlib
+import json
 import os
 import pathlib
 import re
@@ -14,10 +15,14 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from data import text_files
 import objectives
 from objectives import causal_lm
+from tests.training.conftest import PLANTED_PARTIAL
+from tests.training.conftest import PLANTED_RECORD
+from tests.training.conftest import PLANTED_TMP
 from tests.training.test_loop import tiny_config
 from training import chaos
 from training import checkpoint
@@ -144,70 +149,151 @@ def test_sigterm_saves_the_current_step_and_rerunning_continues(tmp_path):
   assert f'Resumed from {workdir}/checkpoints at step {saved}.' in rerun.stdout
 
 
-@pytest.fixture(scope='module')
-def finished_run(tmp_path_factory):
-  """A 4-step run with checkpoints at steps 2 and 4 (copy it before altering it)."""
-  tmp_path = tmp_path_factory.mktemp('finished')
-  config = tiny_config(tmp_path, num_steps=4, checkpoint_every=2, eval_every=100)
-  workdir = str(tmp_path / 'run')
-  loop.train_and_evaluate(config, workdir)
-  return config, workdir
-
-
 def _copy(run_dir, tmp_path) -> str:
   workdir = str(tmp_path / 'run')
   shutil.copytree(run_dir, workdir)
   return workdir
 
 
-def _flip_a_byte(workdir, step):
-  """Alters one byte of the step's largest array file; its size stays the same."""
-  files = glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'state', '**', 'd', '*'),
-                    recursive=True)
-  path = max(files, key=os.path.getsize)
-  with open(path, 'r+b') as f:
-    f.seek(os.path.getsize(path) // 2)
-    byte = f.read(1)
-    f.seek(-1, os.SEEK_CUR)
-    f.write(bytes([byte[0] ^ 0x10]))
+def _alter_an_element(workdir, step, array):
+  """Changes one bit of one element of the named array of the step's saved state.
+
+  The chunks are zstd-compressed, so flipping a byte of a file may break decoding (a read
+  error, not the checksum's message) and lands in whichever array the file holds. Writing
+  the altered value through tensorstore keeps every file decodable and alters exactly the
+  array named: a silent change that only the checksum can catch.
+  """
+  state_dir = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  store = ts.open({'driver': 'zarr', 'kvstore': {
+      'driver': 'ocdbt', 'base': 'file://' + state_dir, 'path': array.replace('/', '.') + '/'}},
+      open=True).result()
+  values = store.read().result()
+  bits = values.reshape(-1).view(f'uint{8 * values.dtype.itemsize}').copy()
+  bits[bits.size // 2] ^= 1 << 20
+  store.write(bits.view(values.dtype).reshape(values.shape)).result()
+  assert not np.array_equal(store.read().result(), values)
 
 
-def test_an_altered_array_file_fails_its_checksum(finished_run, tmp_path):
+def _saved_array(workdir, step, kind):
+  """A parameter ('params') or an Adam second-moment ('opt_state') kernel of the step, by name."""
+  with open(os.path.join(workdir, 'checkpoints', str(step), 'integrity', 'metadata')) as f:
+    names = sorted(json.load(f))
+  wanted = {'params': lambda n: n.startswith('params/'),
+            'opt_state': lambda n: n.startswith('opt_state/') and '/nu/' in n}[kind]
+  return [n for n in names if wanted(n) and n.endswith('kernel')][-1]
+
+
+@pytest.mark.parametrize('kind', ['params', 'opt_state'])
+def test_an_altered_array_fails_its_checksum_naming_it(finished_run, tmp_path, kind):
   _, run_dir = finished_run
   workdir = _copy(run_dir, tmp_path)
-  _flip_a_byte(workdir, 4)
+  array = _saved_array(workdir, 5, kind)
+  _alter_an_element(workdir, 5, array)
   evaluator = importlib.import_module('eval').Evaluator(workdir)
-  with pytest.raises(checkpoint.DamagedCheckpointError, match=r'checkpoints/4 is damaged: '
-                     r'\d+ array\(s\) fail their checksum'):
-    evaluator.restore(4)
-  evaluator.restore(2)  # the untouched one still restores
+  with pytest.raises(checkpoint.DamagedCheckpointError) as e:
+    evaluator.restore(5)
+  assert str(e.value).endswith(
+      f'checkpoints/5 is damaged: 1 array(s) fail their checksum ({array})')
+  evaluator.restore(4)  # the untouched one still restores
 
 
 def test_eval_skips_a_damaged_latest_checkpoint_without_moving_it(finished_run, tmp_path):
   _, run_dir = finished_run
   workdir = _copy(run_dir, tmp_path)
-  _flip_a_byte(workdir, 4)
+  _alter_an_element(workdir, 5, _saved_array(workdir, 5, 'params'))
   result = _run_cli('eval.py', f'--workdir={workdir}', '--splits=validation')
   assert result.returncode == 0, result.stderr
-  assert 'checkpoints/4 is damaged' in result.stdout and 'skipping it' in result.stdout
-  assert '\nstep 2\n' in result.stdout
-  assert _checkpoints(workdir) == ['2', '4']  # a reader leaves the workdir as it found it
+  assert 'checkpoints/5 is damaged' in result.stdout and 'skipping it' in result.stdout
+  assert '\nstep 4\n' in result.stdout and '\nstep 5\n' not in result.stdout
+  assert _checkpoints(workdir) == ['4', '5']  # a reader leaves the workdir as it found it
 
-  named = _run_cli('eval.py', f'--workdir={workdir}', '--step=4', '--splits=validation')
+  named = _run_cli('eval.py', f'--workdir={workdir}', '--step=5', '--splits=validation')
   assert named.returncode != 0
-  assert 'checkpoints/4 is damaged' in named.stderr
-  assert '--step=4 cannot be evaluated; the checkpoints are [2, 4]' in named.stderr
+  assert 'checkpoints/5 is damaged' in named.stderr
+  assert '--step=5 cannot be evaluated; the checkpoints are [4, 5]' in named.stderr
+
+  # --watch evaluates step 4, reports the damaged final step 5 and stops after it.
+  watched = _run_cli('eval.py', f'--workdir={workdir}', '--watch', '--splits=validation',
+                     '--poll_seconds=0.1', '--timeout_seconds=60')
+  assert watched.returncode == 0, watched.stderr
+  assert '\nstep 4\n' in watched.stdout and '\nstep 5\n' not in watched.stdout
+  assert 'checkpoints/5 is damaged' in watched.stdout and 'skipping it' in watched.stdout
+  assert _checkpoints(workdir) == ['4', '5']
 
 
 def test_a_save_in_progress_is_not_listed_nor_removed_by_readers(finished_run, tmp_path):
   _, run_dir = finished_run
   workdir = _copy(run_dir, tmp_path)
-  in_progress = os.path.join(workdir, 'checkpoints', '6.orbax-checkpoint-tmp-1234567890')
-  shutil.copytree(os.path.join(workdir, 'checkpoints', '4'), in_progress)
+  in_progress = os.path.join(workdir, 'checkpoints', '7.orbax-checkpoint-tmp-1234567890')
+  shutil.copytree(os.path.join(workdir, 'checkpoints', '5'), in_progress)
   evaluator = importlib.import_module('eval').Evaluator(workdir)
   evaluator.mngr.reload()  # as --watch does on each poll
-  assert evaluator.mngr.all_steps() == [2, 4]
+  assert evaluator.mngr.all_steps() == [4, 5]
   assert os.path.isdir(in_progress)
+
+
+def test_the_last_keep_checkpoints_steps_and_the_final_step_are_kept(finished_run):
+  config, run_dir = finished_run
+  assert config.train.num_steps % config.train.checkpoint_every  # 5 is not a save step...
+  assert config.train.keep_checkpoints == 2
+  assert _checkpoints(run_dir) == ['4', '5']  # ... but is saved; step 2 was removed
+
+
+def test_a_start_drops_what_a_killed_run_left_half_written(finished_run):
+  """A crash's unfinished save is removed and a half-written metrics line dropped."""
+  _, run_dir = finished_run
+  assert not os.path.exists(os.path.join(run_dir, PLANTED_TMP))
+  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    text = f.read()
+  assert text.startswith(PLANTED_RECORD) and PLANTED_PARTIAL not in text
+  records = metrics.read_metrics(run_dir)  # every line parses
+  assert [m['step'] for m in records if m['split'] == 'train'] == [1, 2, 3, 4, 5]
+
+
+def _tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the event files in `directory` (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in glob.glob(os.path.join(directory, 'events.out.tfevents.*')):
+    data = pathlib.Path(path).read_bytes()
+    offset = 0
+    while offset < len(data):  # u64 length, u32 crc, payload, u32 crc
+      length = int.from_bytes(data[offset:offset + 8], 'little')
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+def test_tensorboard_mirrors_the_logged_metrics(finished_run):
+  _, run_dir = finished_run
+  scalars = _tensorboard_scalars(os.path.join(run_dir, 'tensorboard'))
+  logged = [m for m in metrics.read_metrics(run_dir) if m['split'] in ('train', 'validation')]
+  assert logged
+  for m in logged:
+    assert scalars[f"{m['split']}/loss"][m['step']] == pytest.approx(m['loss'], rel=1e-6)
+
+
+_WATCHDOG = """
+import os, signal, sys, time
+from training import preemption
+with preemption.Preemption(grace_seconds=0.5) as pre:
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(0.2)
+  print('requested', pre.requested, flush=True)
+  time.sleep(60)  # a save that never finishes
+"""
+
+
+def test_the_preemption_watchdog_exits_143_after_the_grace_period():
+  start = time.time()
+  result = subprocess.run([sys.executable, '-c', _WATCHDOG], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+  assert result.returncode == 143, result.stderr
+  assert time.time() - start < 30
+  assert 'requested True' in result.stdout
+  assert 'no clean exit 0s after SIGTERM; exiting now' in result.stdout
 
 
 def _run_cli(*args):
