@@ -1,10 +1,12 @@
 """Model families by name: `config_cls, model_cls = models.get('gpt')`."""
 
 from models import block_sparse  # pylint: disable=unused-import  (registers its kernel)
+from models import bert
 from models import gpt
 
 MODELS = {
     'gpt': (gpt.GPTConfig, gpt.GPT),
+    'bert': (bert.BertConfig, bert.BERT),  # RoBERTa too: a preset of the config
 }
 
 

@@ -128,6 +128,13 @@ _GATED = {'geglu': 'gelu', 'geglu_tanh': 'gelu_tanh', 'reglu': 'relu', 'swiglu':
 ACTIVATIONS = (*_ACTIVATION_FNS, *_GATED)
 
 
+def activation(name: str) -> Callable[[Array], Array]:
+  """The elementwise function of an activation name (a gated name gives its inner one)."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f'unknown activation {name!r} (known: {", ".join(ACTIVATIONS)})')
+  return _ACTIVATION_FNS[_GATED.get(name, name)]
+
+
 class Mlp(nn.Module):
   """Position-wise feed-forward block: Dense D -> F, activation, Dense F -> D, dropout.
 
@@ -156,16 +163,13 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, *, deterministic: bool = True) -> Array:
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f'unknown activation {self.activation!r} (known: {", ".join(ACTIVATIONS)})')
     project_in = lambda name: nn.Dense(
         self.hidden_dim, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.with_logical_partitioning(self.kernel_init, ('embed', 'mlp')),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('mlp',)),
         name=name)(x_BTD)
-    gated = self.activation in _GATED
-    h_BTF = _ACTIVATION_FNS[_GATED.get(self.activation, self.activation)](project_in('fc_in'))
-    if gated:
+    h_BTF = activation(self.activation)(project_in('fc_in'))
+    if self.activation in _GATED:
       h_BTF = h_BTF * project_in('fc_gate')
     h_BTF = nn.with_logical_constraint(h_BTF, ('batch', 'length', 'mlp'))
     y_BTD = nn.Dense(

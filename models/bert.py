@@ -1,0 +1,157 @@
+"""BERT (Devlin et al. 2019) and RoBERTa (Liu et al. 2019), on the shared Encoder stack.
+
+    h_0 = dropout(LN(W_e[tokens] + W_p[positions + offset] + W_t[token types]))
+    h_l = LN(h_{l-1} + Attn(h_{l-1}));  h_l = LN(h_l + Mlp(h_l))      post-LN, exact GELU
+    pooled   = tanh(W_pool h_L[CLS] + b)                                the pooler
+    mlm      = LN(gelu(W_m h_L + b_m)) W_e^T + b_v                      the tied MLM head
+    nsp      = W_nsp pooled + b                                         [is next, random]
+
+RoBERTa is a preset of this config (`roberta_preset`): one token type, no NSP head, and
+position ids offset by the padding index + 1 = 2, as RoBERTa numbers them, so imported
+weights line up. Attention, positions and masks are the shared ones, swappable by name.
+
+Dims as in attention.py, plus V (vocabulary) and K (token types).
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import layers
+from models import transformer
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BertConfig(transformer.TransformerConfig):
+  """BERT's hyperparameters: the shared stack's, with BERT's block, plus its embeddings
+  and heads; built from a config as `BertConfig(**config.model)`."""
+  vocab_size: int
+  max_len: int                 # rows of the position table (RoBERTa: 512 + its offset 2)
+  type_vocab_size: int = 2     # token types (segments A/B); RoBERTa has 1
+  position_offset: int = 0     # added to position ids before the lookup; RoBERTa: 2
+  next_sentence: bool = True   # the NSP head (RoBERTa drops it)
+  # BERT's block: post-LN, exact GELU, LayerNorm epsilon 1e-12, no depth-scaled init.
+  norm_position: str = 'post'
+  norm_epsilon: float = 1e-12
+  activation: str = 'gelu'
+  scale_residual_init: bool = False
+  mask: str = 'bidirectional'
+
+  causal = False  # an encoder: every token sees both directions
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'max_len', 'type_vocab_size'):
+      self._check_positive_int(name)
+    if not isinstance(self.position_offset, int) or self.position_offset < 0:
+      self._fail(f'position_offset must be a non-negative integer, got {self.position_offset!r}')
+    if self.position_offset >= self.max_len:
+      self._fail(f'position_offset={self.position_offset} leaves no positions below '
+                 f'{self._name("max_len")}={self.max_len}')
+    super().__post_init__()
+
+
+def roberta_preset(**overrides: Any) -> dict[str, Any]:
+  """The fields by which RoBERTa differs from BERT (Liu et al. 2019, and its checkpoints)."""
+  return {**dict(type_vocab_size=1, position_offset=2, next_sentence=False, norm_epsilon=1e-5),
+          **overrides}
+
+
+class BERT(nn.Module):
+  """A BERT encoder with its pooler and pretraining heads.
+
+  Returns a dict: 'hidden' [B, T, D] (the last layer), 'pooled' [B, D], 'mlm_logits'
+  [B, T, V] (float32), 'nsp_logits' [B, 2] (float32; index 0 = "B follows A", as in
+  Google's and Hugging Face's checkpoints) when the config has the NSP head, and with
+  `hidden_states=True` 'hidden_states': (embeddings, layer 1, ..., layer L). Heads whose
+  outputs a caller ignores cost nothing under jit (XLA drops them).
+  """
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: Array, *, token_types_BT: Array | None = None,
+               segment_ids_BT: Array | None = None, positions_BT: Array | None = None,
+               deterministic: bool = True, hidden_states: bool = False) -> dict[str, Array]:
+    """Encodes `tokens_BT`.
+
+    Args:
+      tokens_BT: integer token ids, [CLS] (or <s>) first.
+      token_types_BT: segment A/B ids (0/1); None: all 0.
+      segment_ids_BT: packed-sequence ids, 0 = padding; attention stays within a sequence
+        and never sees padding. None: one sequence per row, no padding. (Never derived
+        from token ids: RoBERTa pads with id 1.)
+      positions_BT: position ids from 0 (restarting per packed sequence); None: 0..T-1.
+        The config's `position_offset` is added here.
+      deterministic: disables dropout (pass rngs={'dropout': ...} otherwise).
+      hidden_states: also return every layer's hidden states.
+    """
+    cfg = self.config
+    dtype, param_dtype = cfg.compute_dtype, cfg.storage_dtype
+    batch_size, length = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch_size, length))
+    if token_types_BT is None:
+      token_types_BT = jnp.zeros_like(tokens_BT)
+    init = nn.initializers.normal(stddev=cfg.init_stddev)
+
+    embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                         embedding_init=init, name='token_embed')
+    x_BTD = embed(tokens_BT)
+    position_BTD = cfg.position_scheme.embed(positions_BT + cfg.position_offset,
+                                             max_len=cfg.max_len, features=cfg.embed_dim,
+                                             dtype=dtype, param_dtype=param_dtype)
+    if position_BTD is not None:
+      x_BTD = x_BTD + position_BTD
+    x_BTD = x_BTD + layers.Embed(cfg.type_vocab_size, cfg.embed_dim, dtype=dtype,
+                                 param_dtype=param_dtype, embedding_init=init,
+                                 name='type_embed')(token_types_BT)
+    x_BTD = self._norm('ln_embed')(x_BTD)
+    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
+
+    # Schemes inside attention see the offset-free ids: a relative distance is the same.
+    stack = transformer.Encoder(cfg, name='encoder')(
+        x_BTD, segment_ids_BT=segment_ids_BT, positions_BT=positions_BT,
+        deterministic=deterministic, hidden_states=hidden_states)
+    hidden_BTD = stack.hidden_BTD
+
+    outputs = {'hidden': hidden_BTD, 'pooled': self._pool(hidden_BTD[:, 0])}
+    outputs['mlm_logits'] = self._mlm_head(hidden_BTD, embed)
+    if cfg.next_sentence:
+      outputs['nsp_logits'] = self._dense(2, 'nsp', out_axis='classes')(
+          outputs['pooled']).astype(jnp.float32)
+    if hidden_states:
+      outputs['hidden_states'] = stack.hidden_states
+    return outputs
+
+  def _norm(self, name: str) -> nn.Module:
+    cfg = self.config
+    return layers.NORMS[cfg.norm](epsilon=cfg.norm_epsilon, use_bias=cfg.use_bias,
+                                  dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+                                  name=name)
+
+  def _dense(self, features: int, name: str, out_axis: str = 'embed') -> nn.Module:
+    cfg = self.config
+    return nn.Dense(
+        features, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_stddev),
+                                                 ('embed', out_axis)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
+        name=name)
+
+  def _pool(self, first_BD: Array) -> Array:
+    """The pooler: a dense layer and tanh over the first token's ([CLS]) hidden state."""
+    return jnp.tanh(self._dense(self.config.embed_dim, 'pooler')(first_BD))
+
+  def _mlm_head(self, hidden_BTD: Array, embed: layers.Embed) -> Array:
+    """LN(act(dense(h))) scored against the tied token embeddings, plus an output bias."""
+    cfg = self.config
+    h_BTD = self._dense(cfg.embed_dim, 'mlm_dense')(hidden_BTD)
+    h_BTD = layers.activation(cfg.activation)(h_BTD)
+    h_BTD = self._norm('mlm_ln')(h_BTD)
+    bias_V = self.param('mlm_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
+                        (cfg.vocab_size,), cfg.storage_dtype)
+    return embed.attend(h_BTD) + bias_V.astype(jnp.float32)
