@@ -157,7 +157,8 @@ def _verse_records(data_dir: str, split: str) -> tuple[tuple, ...]:
 
 
 def verses(data_dir: str | os.PathLike, split: str) -> tuple[tuple, ...]:
-  import data.bible  # pylint: disable=g-import-not-at-top,unused-import,redefined-outer-name
+  """(book index, chapter, verse, kjv, web) of a split (`from data import bible` above
+  registers the dataset with TFDS)."""
   return _verse_records(os.fspath(data_dir), split)
 
 
@@ -186,7 +187,10 @@ class Corpus:
 
 def build_corpus(tokenizer, documents: Sequence[tuple[int, Sequence[str]]]) -> Corpus:
   """Corpus of (book index, sentences) documents, in the order given."""
-  texts = [t for _, sentences in documents for t in sentences]
+  # A space before every sentence but a document's first, as running text has it: byte-level
+  # BPE then codes a sentence's first word as it does mid-text ('ĠAnd'); the others ignore it.
+  texts = [(' ' if k else '') + t for _, sentences in documents
+           for k, t in enumerate(sentences)]
   ids = _encode_all(tokenizer, texts)
   lengths = np.asarray([len(i) for i in ids], np.int64)
   sizes = np.asarray([len(s) for _, s in documents], np.int64)

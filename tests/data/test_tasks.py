@@ -55,13 +55,13 @@ def test_truncate_longest_first_matches_one_by_one_removal():
 
 
 def test_pair_layout_exact():
-  f = tasks.pair_features(TOY, [10, 11, 13], [20, 21], 10)
-  np.testing.assert_array_equal(f['inputs'], [CLS, 10, 11, 13, SEP, 20, 21, SEP, PAD, PAD])
+  f = tasks.pair_features(TOY, [11, 12, 13], [21, 22], 10)
+  np.testing.assert_array_equal(f['inputs'], [CLS, 11, 12, 13, SEP, 21, 22, SEP, PAD, PAD])
   np.testing.assert_array_equal(f['token_types'], [0, 0, 0, 0, 0, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(f['segment_ids'], [1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(f['positions'], [0, 1, 2, 3, 4, 5, 6, 7, 0, 0])
-  # Specials start words; 11 and 13 are odd (continuations), 21 too; padding is 0.
-  np.testing.assert_array_equal(f['word_starts'], [1, 1, 0, 0, 1, 1, 0, 1, 0, 0])
+  # Specials and each text's first token start words; odd ids continue one; padding 0.
+  np.testing.assert_array_equal(f['word_starts'], [1, 1, 1, 0, 1, 1, 1, 1, 0, 0])
   assert all(v.dtype == np.int32 for v in f.values())
 
 
@@ -331,6 +331,8 @@ def test_real_nsp_pairs(real):
   source = tasks.TASKS['nsp'].source(cfg, tok, 'validation')
   labels = [int(source.example(i, 0, 0)['nsp_label']) for i in range(0, len(source), 3)]
   assert abs(np.mean(labels) - 0.5) < 5 * 0.5 / np.sqrt(len(labels))
+  both = tasks.PretrainingTask('nsp_kjv_web', translations=('kjv', 'web'))
+  assert len(both.source(cfg, tok, 'validation')) == 2 * len(source)  # a document each
   batch = next(encoder_data.task_train_iterator('nsp', cfg, tok, split='validation'))
   assert batch['inputs'].shape == (8, 32) and (batch['inputs'][:, 0] == tok.cls_id).all()
 
@@ -377,6 +379,32 @@ def test_real_finetuning_tasks_and_baselines(real):
     average = 'macro' if name == 'genre' else 'binary'
     assert result['f1'] == pytest.approx(metrics.f1_score(
         labels, np.full_like(labels, majority), average=average, zero_division=0))
+
+
+def _toy_examples(data_dir, split, seed):
+  del data_dir, seed
+  labels = {'train': [1, 1, 1, 0, 2], 'validation': [0, 0, 1, 2]}[split]
+  return [{'sentence': str(10 + i), 'label': y} for i, y in enumerate(labels)]
+
+
+def test_baseline_predicts_the_training_majority():
+  binary = tasks.ClassificationTask('toy2', ('sentence',), 2, lambda *a: [
+      {**e, 'label': min(e['label'], 1)} for e in _toy_examples(*a)])
+  # Train's majority 1 is right on 2 of the 4 validation labels 0, 0, 1, 1: accuracy 1/2,
+  # F1 of class 1 = 2PR/(P+R) with P = 1/2, R = 1.
+  assert tasks.baseline(binary, 'validation', data_dir='x') == pytest.approx(
+      {'majority': 1, 'accuracy': 1 / 2, 'f1': 2 / 3})
+  flipped = tasks.ClassificationTask('toy2f', ('sentence',), 2, lambda *a: [
+      {**e, 'label': 1 - min(e['label'], 1)} for e in _toy_examples(*a)])
+  # Majority 0 never predicts class 1: its F1 is 0 (sklearn's zero_division=0).
+  assert tasks.baseline(flipped, 'validation', data_dir='x') == pytest.approx(
+      {'majority': 0, 'accuracy': 1 / 2, 'f1': 0.0})
+  three = tasks.ClassificationTask('toy3', ('sentence',), 3, _toy_examples)
+  assert tasks.baseline(three, 'validation', data_dir='x') == pytest.approx(
+      {'majority': 1, 'accuracy': 1 / 4, 'f1': 0.4 / 3})  # macro over 3 present classes
+  regression = tasks.ClassificationTask('toyr', ('sentence',), 0, _toy_examples)
+  assert tasks.baseline(regression, 'validation', data_dir='x') == pytest.approx(
+      {'mean': 1.0, 'mse': (1 + 1 + 0 + 1) / 4})
 
 
 # ---------------------------------------------------------------------------------------
