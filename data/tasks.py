@@ -280,7 +280,7 @@ class FullSentencesSource:
   across documents with an extra `</s>` between two documents; padding only at the end.
 
   Rows are packed once from the documents in order; epochs reshuffle the rows. A sentence
-  longer than a row is cut into rows of its own, so no token is lost.
+  longer than a row is cut into pieces of a row's length, so no token is lost.
   """
 
   def __init__(self, corpus: Corpus, tokenizer, seq_len: int):
