@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from models import gpt
+from tests import tolerances
 
 TINY = dict(vocab_size=37, max_len=12, num_layers=3, num_heads=2, embed_dim=16, mlp_dim=32)
 
@@ -44,8 +45,7 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
   loss, grads = _loss_and_grads(base, params)
   loss_r, grads_r = _loss_and_grads(dataclasses.replace(base, remat=remat), params)
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               grads_r, grads)
+  tolerances.assert_trees_close(grads_r, grads)
 
 
 def _stack_layers(params, num_layers):
@@ -68,8 +68,7 @@ def test_scanned_layers_equal_unrolled_layers(remat):
   loss, grads = _loss_and_grads(base, params)
   loss_s, grads_s = _loss_and_grads(scanned_cfg, scanned_params)
   np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               grads_s, _stack_layers(grads, TINY['num_layers']))
+  tolerances.assert_trees_close(grads_s, _stack_layers(grads, TINY['num_layers']))
 
 
 def test_scanned_layers_decode_with_the_cache():

@@ -8,6 +8,7 @@ import pytest
 
 from models import layers
 from models import positions
+from tests import tolerances
 
 
 def _normal(seed, shape):
@@ -71,17 +72,26 @@ def test_mlp_formula():
 
 
 def test_embed_lookup_and_tied_attend_in_float32():
+  """bfloat16 activations, float32 table; attend sums bfloat16 products in float32."""
   embed = layers.Embed(num_embeddings=10, features=4, dtype=jnp.bfloat16)
   ids = jnp.array([[1, 7, 7]])
   params, vectors = _init_apply(embed, ids)
   table = params['embedding']
   assert table.dtype == jnp.float32 and vectors.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(vectors, np.float32), table[ids], atol=1e-2)
+  # The lookup is the table's rows rounded to bfloat16, exactly.
+  np.testing.assert_array_equal(np.asarray(vectors, np.float32),
+                                np.asarray(table[ids].astype(jnp.bfloat16), np.float32))
   x = _normal(2, (1, 3, 4))
   logits = jax.jit(embed.apply, static_argnames='method')(
       {'params': params}, x, method=layers.Embed.attend)
   assert logits.shape == (1, 3, 10) and logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, x @ table.T, atol=2e-2)
+  # Products of bfloat16 numbers are exact in float32; only the order of the sum may differ.
+  as_bf16 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float32)
+  expected = as_bf16(x) @ as_bf16(table).T
+  tolerances.assert_close(logits, expected, rtol=1e-6, scale=1e-6)
+  # Operands left in float32 would be off by far more: the comparison can tell them apart.
+  unrounded = np.asarray(x) @ np.asarray(table).T
+  assert np.abs(unrounded - expected).max() > 1e-4 * np.abs(expected).max()
 
 
 def test_learned_positions_look_up_explicit_positions():

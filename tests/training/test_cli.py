@@ -116,6 +116,7 @@ def test_sharded_runs_follow_the_single_device_run(tmp_path):
   baseline = losses.pop('(-1,1,1)')
   assert len(baseline) == 5  # 4 train steps and one validation
   for shape, run_losses in losses.items():
+    assert len(run_losses) == len(baseline), shape  # zip below would drop missing steps
     for (split1, a), (split8, b) in zip(baseline, run_losses):
       assert split1 == split8
       assert a == pytest.approx(b, rel=1e-5), shape

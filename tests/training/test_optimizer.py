@@ -1,5 +1,6 @@
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from training import optimizer
@@ -40,3 +41,14 @@ def test_weight_decay_skips_norms_and_biases():
 def test_bad_decay_names_the_field():
   with pytest.raises(ValueError, match='config.optimizer.decay'):
     _cfg(decay='exponential')
+
+
+def test_gradients_are_clipped_to_clip_norm_before_adam():
+  """Adam's update hides a gradient's scale, so the clip is read in its first moment."""
+  params = {'w': jnp.zeros((3,))}
+  grads = {'w': jnp.array([3.0, 4.0, 0.0]) * 2}  # global norm 10
+  for clip_norm, expected_norm in ((1.0, 1.0), (100.0, 10.0)):
+    tx = optimizer.make_optimizer(_cfg(warmup_steps=0, clip_norm=clip_norm), 10)
+    _, state = tx.update(grads, tx.init(params), params)
+    mu = optax.tree_utils.tree_get(state, 'mu')['w']
+    np.testing.assert_allclose(mu, (1 - 0.9) * grads['w'] * expected_norm / 10, rtol=1e-6)
