@@ -21,6 +21,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from data import tasks
 from models import decoding
 from training import baselines
 from training import checkpoint
@@ -101,12 +102,15 @@ class Evaluator:
 
 
 def print_table(step: int, results: dict[str, dict[str, float]], extra=None) -> None:
-  names = ['loss', 'perplexity', 'accuracy', 'tokens']
+  """One row per split, one column per metric of the run's objective (any family's)."""
+  names = list(dict.fromkeys(n for report in results.values() for n in report))
+  width = max([10, *map(len, names)])
   print(f'\nstep {step}')
-  print(f"| {'split':<12} | " + ' | '.join(f'{n:>10}' for n in names) + ' |')
-  print(f"|{'-' * 14}|" + '|'.join('-' * 12 for _ in names) + '|')
+  print(f"| {'split':<22} | " + ' | '.join(f'{n:>{width}}' for n in names) + ' |')
+  print(f"|{'-' * 24}|" + '|'.join('-' * (width + 2) for _ in names) + '|')
   for split, report in results.items():
-    print(f'| {split:<12} | ' + ' | '.join(f'{report[n]:>10.4f}' for n in names) + ' |')
+    cells = (f'{report[n]:>{width}.4f}' if n in report else ' ' * width for n in names)
+    print(f'| {split:<22} | ' + ' | '.join(cells) + ' |')
   for label, value in (extra or {}).items():
     print(f'{label}: {value:.4f}')
 
@@ -189,6 +193,12 @@ def main(argv):
         evaluator.batches('train'), evaluator.batches('validation'),
         evaluator.exp.tokenizer.vocab_size)
     extra['model validation perplexity'] = results['validation']['perplexity']
+  task = evaluator.exp.task
+  if getattr(task, 'num_classes', None) is not None:
+    # The trivial baseline beside the score: the training split's majority class (or mean).
+    data_dir = loop.pipeline.data_dir(evaluator.exp.data)
+    for split in _SPLITS.value:
+      results[f'{split} (baseline)'] = tasks.baseline(task, split, data_dir=data_dir)
   print_table(step, results, extra)
   if _PROMPT.value:
     generate(evaluator, state)

@@ -31,6 +31,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data import subword
 from data import text_files
 from data import tokenizer as tokenizer_lib
 from data.tokenizer import Tokenizer
@@ -58,6 +59,17 @@ class DataConfig:
   seq_len: int = 32
   batch_size: int = 8
   seed: int = 0
+  # What rows are made of: 'lm' packs documents for language models (this module);
+  # any other name is a task of data/tasks.py (nsp, full_sentences, paraphrase, glue/...)
+  # whose examples data/encoder_data.py batches.
+  task: str = 'lm'
+  # Published tokenizer files (tokenizer.json | vocab.txt | vocab.json + merges.txt) to
+  # load instead of training one; for the wordpiece and byte_bpe tokenizers.
+  tokenizer_path: str = ''
+  # Masked LM: 0 draws masks on device at every step (dynamic, RoBERTa); k > 0 fixes k
+  # masks per example in the pipeline, used in turn by the epochs (static, BERT's
+  # dupe_factor).
+  dupe_factor: int = 0
 
 
 def data_dir(cfg: DataConfig) -> pathlib.Path:
@@ -108,10 +120,15 @@ def _text(record: dict, key: str) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
-def load_tokenizer(cfg: DataConfig) -> Tokenizer:
-  """The tokenizer of cfg, trained on the training split and cached on first use."""
-  path = (data_dir(cfg) / 'tokenizers' /
-          f'{dataset_slug(cfg)}_{cfg.tokenizer}_{cfg.vocab_size}.model')
+def load_tokenizer(cfg: DataConfig) -> Tokenizer | subword.SubwordTokenizer:
+  """The tokenizer of cfg: published files in cfg.tokenizer_path, else trained on the
+  training split and cached on first use.
+
+  'bpe' and 'unigram' are sentencepiece models (GPT); 'wordpiece' (BERT) and 'byte_bpe'
+  (RoBERTa) come from data/subword.py.
+  """
+  stem = f'{dataset_slug(cfg)}_{cfg.tokenizer}_{cfg.vocab_size}'
+  cache = data_dir(cfg) / 'tokenizers'
 
   def texts():
     # SentencePiece samples _INPUT_SENTENCE_SIZE lines anyway; reading a catalog corpus of
@@ -121,7 +138,13 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
     step = max(1, len(source) // TOKENIZER_RECORDS)
     return (_text(source[i], cfg.text_key) for i in range(0, len(source), step))
 
-  return tokenizer_lib.get_or_train(path, texts, model_type=cfg.tokenizer,
+  if cfg.tokenizer in subword.KINDS:
+    return subword.load_or_train(cfg.tokenizer, cache / f'{stem}.json', texts, cfg.vocab_size,
+                                 pretrained=cfg.tokenizer_path)
+  if cfg.tokenizer_path:
+    raise ValueError(f'config.data.tokenizer_path loads {"/".join(subword.KINDS)} tokenizers, '
+                     f'not config.data.tokenizer={cfg.tokenizer!r}')
+  return tokenizer_lib.get_or_train(cache / f'{stem}.model', texts, model_type=cfg.tokenizer,
                                     vocab_size=cfg.vocab_size)
 
 

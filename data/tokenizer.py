@@ -32,6 +32,7 @@ class Tokenizer:
 
   pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
   mask_id, sep_id, cls_id = MASK_ID, SEP_ID, CLS_ID
+  special_ids = (PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID, CLS_ID)
 
   def __init__(self, model_proto: bytes, path: str = ''):
     self.path = path

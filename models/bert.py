@@ -133,7 +133,9 @@ class BERT(nn.Module):
                                   dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
                                   name=name)
 
-  def _dense(self, features: int, name: str, out_axis: str = 'embed') -> nn.Module:
+  def _dense(self, features: int, name: str, out_axis: str = 'mlp') -> nn.Module:
+    """A dense layer from the model width; a D -> D one names its output axis 'mlp' (one
+    array cannot name 'embed' twice)."""
     cfg = self.config
     return nn.Dense(
         features, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,

@@ -6,6 +6,7 @@ training run used for its own periodic evaluation.
 
 import collections
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -18,9 +19,12 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
+from data import encoder_data
 from data import pipeline
+from data import tasks as tasks_lib
 import models
 import objectives
+from objectives import masking
 from training import checkpoint
 from training import metrics as metrics_lib
 from training import optimizer as optimizer_lib
@@ -36,7 +40,8 @@ class Experiment:
   model: nn.Module
   tokenizer: Any
   data: pipeline.DataConfig
-  objective: Any
+  task: Any  # None: packed LM rows (data/pipeline.py); else a task of data/tasks.py
+  objective: objectives.Objective
   mesh: Mesh
   rules: tuple
   tx: Any
@@ -66,13 +71,31 @@ def build(config: ml_collections.ConfigDict, *, mesh_shape=None) -> Experiment:
     raise ValueError(f'config.data.batch_size={data_cfg.batch_size} must be divisible by the '
                      f'{divisor} ways the batch is split over the mesh and by the '
                      f'{jax.process_count()} hosts')
+  task = None if data_cfg.task == 'lm' else tasks_lib.get_task(data_cfg.task)
+  objective = objectives.build(config.objective, config.get('objective_settings'),
+                               tokenizer=tokenizer,
+                               num_classes=getattr(task, 'num_classes', None))
+  task = _with_static_masks(task, data_cfg, objective)
   opt_cfg = optimizer_lib.OptimizerConfig(**config.optimizer)
   num_steps = config.train.num_steps
   return Experiment(
       config=config, model=model_cls(model_cfg), tokenizer=tokenizer, data=data_cfg,
-      objective=objectives.get(config.objective), mesh=mesh, rules=rules,
+      task=task, objective=objective, mesh=mesh, rules=rules,
       tx=optimizer_lib.make_optimizer(opt_cfg, num_steps),
       learning_rate_fn=optimizer_lib.learning_rate_schedule(opt_cfg, num_steps))
+
+
+def _with_static_masks(task, data_cfg: pipeline.DataConfig, objective: objectives.Objective):
+  """The task with BERT's static masks (`data.dupe_factor` > 0) fixed in the pipeline."""
+  if not data_cfg.dupe_factor:
+    return task
+  recipe = getattr(objective.settings, 'masking', objective.settings)
+  if task is None or not isinstance(recipe, masking.MaskedLM):
+    raise ValueError(f'config.data.dupe_factor={data_cfg.dupe_factor} fixes masked-LM masks in '
+                     f'the pipeline; it needs a pretraining task and a masked-LM objective, not '
+                     f'task {data_cfg.task!r} with objective {objective.name!r}')
+  return dataclasses.replace(task, dupe_factor=data_cfg.dupe_factor,
+                             mask_fn=functools.partial(masking.mask_example, settings=recipe))
 
 
 def _prepare_once(load):
@@ -143,18 +166,28 @@ def process_rows(exp: Experiment) -> np.ndarray:
   shape = (exp.data.batch_size, exp.data.seq_len)
   batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
   indices = batch_sharding.addressable_devices_indices_map(shape).values()
+  # The batch sharding splits rows only (sharding.batch_sharding): each process feeds
+  # whole rows.
   rows = sorted({index[0].indices(shape[0]) for index in indices})
-  columns = {index[1].indices(shape[1]) for index in indices}
-  if len(columns) * batch_sharding.shard_shape(shape)[1] != shape[1]:
-    raise ValueError('config.logical_axis_rules split the length of a batch between '
-                     'processes; each process feeds whole rows, so map length to mesh axes '
-                     'within a process, or to none')
   return np.concatenate([np.arange(*r) for r in rows])
 
 
+def train_iterator(exp: Experiment, rows: np.ndarray):
+  """This process's rows of every training batch: packed LM rows or the task's examples."""
+  if exp.task is None:
+    return pipeline.train_iterator(exp.data, exp.tokenizer, rows=rows)
+  return encoder_data.task_train_iterator(exp.task, exp.data, exp.tokenizer, rows=rows)
+
+
 def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
-  return list(pipeline.eval_batches(exp.data, exp.tokenizer, split, rows=process_rows(exp),
-                                    max_batches=exp.config.train.eval_batches))
+  if exp.task is None:
+    batches = pipeline.eval_batches(exp.data, exp.tokenizer, split, rows=process_rows(exp),
+                                    max_batches=exp.config.train.eval_batches)
+  else:
+    batches = encoder_data.task_eval_batches(exp.task, exp.data, exp.tokenizer, split,
+                                             rows=process_rows(exp),
+                                             max_batches=exp.config.train.eval_batches)
+  return list(batches)
 
 
 def check_workdir(workdir: str) -> None:
@@ -192,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Every process packs the same global batch and keeps its own rows of it, so the run does
   # not depend on how many processes feed it.
   rows = process_rows(exp)
-  data_iter = pipeline.train_iterator(exp.data, exp.tokenizer, rows=rows)
+  data_iter = train_iterator(exp, rows)
   abstract, state_shardings = exp.abstract_state()
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep_checkpoints,
                             writer=True)

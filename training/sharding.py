@@ -76,8 +76,13 @@ def check_divisible(abstract_tree, mesh_sizes: Mapping[str, int], rules: Rules) 
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
-  """Batches are [batch, length]: split over whatever mesh axes 'batch' maps to."""
-  return nn.logical_to_mesh_sharding(P('batch', 'length'), mesh, rules)
+  """Every feature of a batch is split along its rows, over the mesh axes 'batch' maps to.
+
+  Only the leading axis is named, so the one sharding fits features of any rank: [batch,
+  length] tokens as well as [batch] labels. Inside the model, activations are constrained
+  to ('batch', 'length', ...) as the rules say.
+  """
+  return nn.logical_to_mesh_sharding(P('batch'), mesh, rules)
 
 
 def batch_divisor(mesh: Mesh, rules: Rules) -> int:
