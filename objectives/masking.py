@@ -154,6 +154,18 @@ def maskable_np(tokens_T: np.ndarray, segment_ids_T: np.ndarray,
   return (np.asarray(segment_ids_T) != 0) & ~np.isin(tokens_T, np.asarray(special_ids, int))
 
 
+def unit_starts_np(maskable_T: np.ndarray, word_starts_T: np.ndarray | None,
+                   segment_ids_T: np.ndarray | None = None) -> np.ndarray:
+  """`unit_starts` for one example: [T] bool."""
+  if word_starts_T is None:
+    return maskable_T
+  segments_T = np.zeros(len(maskable_T), int) if segment_ids_T is None else segment_ids_T
+  prev_maskable_T = np.concatenate([[False], maskable_T[:-1]])
+  prev_segment_T = np.concatenate([segments_T[:1], segments_T[:-1]])
+  return maskable_T & (np.asarray(word_starts_T, bool) | ~prev_maskable_T
+                       | (prev_segment_T != segments_T))
+
+
 def mask_example(tokens_T: np.ndarray, maskable_T: np.ndarray,
                  word_starts_T: np.ndarray | None, seed, settings: MaskedLM,
                  segment_ids_T: np.ndarray | None = None
@@ -169,14 +181,8 @@ def mask_example(tokens_T: np.ndarray, maskable_T: np.ndarray,
   if settings.whole_word and word_starts_T is None:
     raise ValueError('whole-word masking needs word_starts')
   rng = np.random.default_rng(seed)
-  if settings.whole_word:
-    segments_T = np.zeros(len(tokens_T), int) if segment_ids_T is None else segment_ids_T
-    prev_maskable_T = np.concatenate([[False], maskable_T[:-1]])
-    prev_segment_T = np.concatenate([[segments_T[0]], segments_T[:-1]])
-    starts_T = maskable_T & (np.asarray(word_starts_T, bool) | ~prev_maskable_T
-                             | (prev_segment_T != segments_T))
-  else:
-    starts_T = maskable_T
+  starts_T = unit_starts_np(maskable_T, word_starts_T if settings.whole_word else None,
+                            segment_ids_T)
   start_positions = np.flatnonzero(starts_T)
   chosen = int(np.floor(settings.rate * len(start_positions) + rng.random()))
   chosen_starts_T = np.zeros(len(tokens_T), bool)

@@ -106,16 +106,17 @@ def test_dynamic_mlm_masks_on_device_and_scores_only_selected_tokens():
 
 def test_static_mlm_accumulates_microbatches_exactly():
   # weight = scored tokens, so the trainer's weighted slices give the whole batch's gradient.
-  rng = np.random.default_rng(1)
   batch = {k: np.concatenate([v, v[::-1]]) for k, v in toy_batch().items()}
-  weights = (rng.random(batch['inputs'].shape) < 0.4) & (batch['segment_ids'] > 0)
+  weights = batch['inputs'] > MASK  # the 4 word tokens of each row
   weights[0] = False
-  weights[0, 1] = True  # slice 0 (rows 0, 2) scores fewer tokens than slice 1 (rows 1, 3)
+  weights[0, 1] = True  # slice 0 (rows 0, 2) scores 5 tokens, slice 1 (rows 1, 3) 8
   batch.update(mlm_targets=batch['inputs'], mlm_weights=weights.astype(np.int32))
   model = TinyEncoder()
   params = model.init(jax.random.key(0), batch['inputs'], token_types_BT=batch['token_types'],
                       segment_ids_BT=batch['segment_ids'], positions_BT=batch['positions'],
                       deterministic=True)['params']
+  # Large weights, so tokens' losses differ and a slice weighting by rows would be seen.
+  params = jax.tree.map(lambda p: p * 4.0, params)
   loss_fn = functools.partial(masked_lm.loss_fn, settings=SETTINGS, deterministic=True)
 
   def no_dropout(p, b, r, *, model, deterministic):

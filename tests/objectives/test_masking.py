@@ -5,6 +5,7 @@ selection is an exact count per row, so its spread is smaller still and 4 standa
 leave a wide margin while a wrong rate (e.g. 0.12 or 0.75) lies tens of errors away.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -93,9 +94,9 @@ def test_hand_counts_on_a_toy_row(version):
 
 def test_count_is_rate_times_units_rounded_stochastically():
   # 10 units at rate 0.15: 1 or 2 selected, 2 with probability 0.5; never anything else.
-  inputs = np.tile(np.arange(10, 20, dtype=np.int32), (4000, 1))
-  segments = np.ones_like(inputs)
-  _, _, weights = dynamic(SETTINGS, 0, (inputs, segments, np.ones_like(inputs, bool)))
+  inputs, segments, word_starts = toy_batch()  # the shape the other tests compiled for
+  segments[:, 10:] = 0
+  _, _, weights = dynamic(SETTINGS, 0, (inputs * (segments > 0) + 10, segments, word_starts))
   counts = weights.sum(axis=1)
   assert set(np.unique(counts)) == {1.0, 2.0}
   assert within(np.mean(counts == 2), 0.5, len(counts))
@@ -173,6 +174,16 @@ def test_words_do_not_cross_special_tokens_or_segments():
   starts = masking.unit_starts(masking.maskable(inputs, segments, SPECIALS),
                                jnp.zeros_like(inputs, bool), segments)
   np.testing.assert_array_equal(starts, [[0, 1, 0, 0, 1, 0, 1, 0]])
+  starts_np = masking.unit_starts_np(masking.maskable_np(inputs[0], segments[0], SPECIALS),
+                                     np.zeros(8, bool), segments[0])
+  np.testing.assert_array_equal(starts_np, starts[0])
+  # The numpy masker's units are the same: words [10 11], [12 13] and [14 15] (the segment
+  # border splits 12..15), each selected whole.
+  for seed in range(10):
+    _, _, weights = masking.mask_example(
+        inputs[0], masking.maskable_np(inputs[0], segments[0], SPECIALS), np.zeros(8, bool),
+        seed, dataclasses.replace(WHOLE, rate=0.5), segment_ids_T=segments[0])
+    assert weights[6] == weights[7] and weights[4] == weights[5] and weights[1] == weights[2]
 
 
 def test_static_and_dynamic_agree_on_whole_word_rates():
