@@ -1,0 +1,1 @@
+"""Hugging Face import and export: config and parameter-name maps per family, safetensors only."""

@@ -1,0 +1,91 @@
+"""Reading and writing Hugging Face model directories: config.json + model.safetensors only.
+
+`load_hf_dir` never unpickles: a directory with only pytorch_model.bin is refused (convert
+it to safetensors with transformers first). `save_hf_dir` writes what
+`transformers.AutoModel.from_pretrained(dir)` loads offline, plus the tokenizer if given.
+"""
+
+import json
+import os
+import pathlib
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+import safetensors.numpy
+
+from data import subword
+from hf import bert as hf_bert
+from models import bert
+
+CONFIG = 'config.json'
+WEIGHTS = 'model.safetensors'
+# The tokenizer files a published model directory may hold (data/subword.py reads them).
+TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'vocab.json', 'merges.txt',
+                   'tokenizer_config.json', 'special_tokens_map.json')
+
+
+class Imported(NamedTuple):
+  """An imported HF directory: BertConfig fields, our param tree, the tokenizer files
+  found beside them, and the head groups the checkpoint lacked (initialised fresh)."""
+  fields: dict[str, Any]
+  params: dict
+  tokenizer_files: tuple[pathlib.Path, ...]
+  fresh: tuple[str, ...]
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+  path = pathlib.Path(directory) / CONFIG
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: no config.json in the HF model directory')
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The state dict of `directory`/model.safetensors (no pickles, ever)."""
+  directory = pathlib.Path(directory)
+  path = directory / WEIGHTS
+  if not path.is_file():
+    found = sorted(p.name for p in directory.glob('*.bin')) + sorted(
+        p.name for p in directory.glob('model-*.safetensors'))
+    hint = (f' It holds {found}: convert pickled weights to {WEIGHTS} with transformers '
+            '(`model.save_pretrained(dir)`) first; pickles are never loaded here, and '
+            'sharded safetensors are not read.' if found else '')
+    raise FileNotFoundError(f'{path}: no {WEIGHTS}.{hint}')
+  return safetensors.numpy.load_file(os.fspath(path))
+
+
+def load_hf_dir(directory: str | os.PathLike, *, scan_layers: bool = False,
+                seed: int = 0) -> Imported:
+  """Imports an HF BERT/RoBERTa directory (config.json + model.safetensors).
+
+  `scan_layers` picks our layout (and is set in the returned fields); heads the checkpoint
+  lacks are initialised from `seed` and named in `fresh`.
+  """
+  directory = pathlib.Path(directory)
+  fields = {**hf_bert.config_from_hf(read_config(directory)), 'scan_layers': scan_layers}
+  params, fresh = hf_bert.params_from_hf(read_safetensors(directory),
+                                         bert.BertConfig(**fields), seed=seed)
+  tokenizer_files = tuple(directory / name for name in TOKENIZER_FILES
+                          if (directory / name).is_file())
+  return Imported(fields, params, tokenizer_files, fresh)
+
+
+def save_hf_dir(directory: str | os.PathLike, config: bert.BertConfig | Mapping[str, Any],
+                params: Mapping[str, Any],
+                tokenizer: subword.SubwordTokenizer | None = None) -> list[pathlib.Path]:
+  """Writes config.json + model.safetensors (+ the tokenizer's files); returns the paths."""
+  cfg = config if isinstance(config, bert.BertConfig) else bert.BertConfig(**config)
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  hf_config = hf_bert.config_to_hf(cfg)
+  state = hf_bert.params_to_hf(params, cfg)
+  weights = directory / WEIGHTS
+  # transformers checks the 'format' metadata; 'pt' says the names are PyTorch's.
+  safetensors.numpy.save_file(state, os.fspath(weights), metadata={'format': 'pt'})
+  config_path = directory / CONFIG
+  config_path.write_text(json.dumps(hf_config, indent=2) + '\n', encoding='utf-8')
+  files = [config_path, weights]
+  if tokenizer is not None:
+    files += tokenizer.save_pretrained(directory)
+  return files
