@@ -7,7 +7,8 @@ binary cross-entropy of σ(z₁ − z₀) against `nsp_label`:
 
   loss = Σ_b r_b · −log softmax(nsp_logits_b)[nsp_label_b] / Σ_b r_b,
 
-with r_b = 1 for a row holding any real token (eval batches are padded with empty rows).
+with r_b = 1 for a row holding any real token (eval batches are padded with empty rows,
+marked `example_weight` 0).
 """
 
 import dataclasses
@@ -28,8 +29,15 @@ class NextSentence:
 
 
 def real_rows(batch: Batch) -> jax.Array:
-  """1.0 for rows with any real token, 0.0 for padding rows: [B] float32."""
-  return jnp.any(batch['segment_ids'] != 0, axis=-1).astype(jnp.float32)
+  """1.0 for rows with any real token, 0.0 for padding rows: [B] float32.
+
+  The encoder pipeline also marks the rows that pad the last eval batch with
+  `example_weight` 0; where present it counts too.
+  """
+  rows_B = jnp.any(batch['segment_ids'] != 0, axis=-1).astype(jnp.float32)
+  if 'example_weight' in batch:
+    rows_B = rows_B * batch['example_weight'].astype(jnp.float32)
+  return rows_B
 
 
 def nsp_sums(nsp_logits_B2: jax.Array, labels_B: jax.Array,

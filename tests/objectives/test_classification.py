@@ -28,7 +28,8 @@ def batch_of(labels, padding_rows=0):
   segments = np.ones((rows, 4), np.int32)
   segments[len(labels):] = 0
   return {'inputs': np.full((rows, 4), 7, np.int32),
-          'token_types': np.zeros((rows, 4), np.int32), 'segment_ids': segments, 'positions': np.tile(np.arange(4, dtype=np.int32), (rows, 1)),
+          'token_types': np.zeros((rows, 4), np.int32), 'segment_ids': segments,
+          'positions': np.tile(np.arange(4, dtype=np.int32), (rows, 1)),
           'label': np.concatenate([labels, np.zeros(padding_rows, np.asarray(labels).dtype)])}
 
 
@@ -52,6 +53,16 @@ def test_classification_loss_and_confusion_by_hand():
   # MCC = (tp·tn − fp·fn) / √((tp+fp)(tp+fn)(tn+fp)(tn+fn)) = (1 − 0) / √(1·2·2·1) = 1/2.
   assert math.isclose(report['mcc'], 0.5)
   assert math.isclose(report['accuracy'], 2 / 3)
+
+
+def test_rows_marked_as_padding_by_the_pipeline_do_not_count():
+  logits = np.array([[math.log(3.0), 0.0], [0.0, math.log(3.0)]], np.float32)
+  batch = batch_of(np.array([0, 0], np.int32))
+  batch['example_weight'] = np.array([1.0, 0.0], np.float32)
+  loss, sums = classification.loss_fn({}, batch, jax.random.key(0), model=TableHead(logits),
+                                      settings=classification.Classification(num_classes=2))
+  assert math.isclose(float(loss), -math.log(0.75), rel_tol=1e-6)
+  assert float(sums['weight']) == 1.0 and float(sums['confusion_0_1']) == 0.0
 
 
 def split_sums(labels, predictions, num_classes, batches=4):
