@@ -5,6 +5,7 @@ transformers' models are built from small random configs (no downloads), every p
 redrawn (its init leaves biases at 0 and LayerNorms at 1, which would hide a swapped bias).
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -61,8 +62,9 @@ def _hf_forward(model, tokens, types, mask):
 
 
 def _ours(cfg, params, tokens, types, mask):
-  return bert.BERT(cfg).apply({'params': params}, tokens, token_types_BT=types,
-                              segment_ids_BT=mask, hidden_states=True)
+  forward = jax.jit(lambda p, x, t, s: bert.BERT(cfg).apply(
+      {'params': p}, x, token_types_BT=t, segment_ids_BT=s, hidden_states=True))
+  return forward(params, tokens, types, mask)
 
 
 def _real(x, mask):
@@ -178,7 +180,9 @@ def test_import_export_round_trip_is_bitwise(bert_dir, roberta_dir, tmp_path, fa
 def _our_random_params(cfg, seed):
   """Our own init with every leaf moved by N(0, 0.3), so no bias is left at 0."""
   rng = np.random.default_rng(seed)
-  params = hf_bert.fresh_params(cfg, seed)
+  unrolled = bert.BERT(dataclasses.replace(cfg, scan_layers=False))
+  params = flax.core.meta.unbox(unrolled.init(jax.random.key(seed), np.zeros((1, 1), np.int32)))
+  params = params['params']
   params = jax.tree.map(lambda x: (x + rng.normal(0, 0.3, x.shape)).astype(np.float32), params)
   return hf_bert.stack_layers(params, cfg.num_layers) if cfg.scan_layers else params
 
@@ -301,7 +305,8 @@ def test_minilm_sentence_embeddings_and_wordpiece_ids_match_transformers():
   length = max(map(len, ids))
   tokens = np.array([row + [ours_tok.pad_id] * (length - len(row)) for row in ids])
   mask = (np.arange(length)[None] < np.array([len(r) for r in ids])[:, None]).astype(np.int64)
-  hidden = bert.BERT(cfg).apply({'params': imported.params}, tokens, segment_ids_BT=mask)['hidden']
+  hidden = jax.jit(lambda p, x, s: bert.BERT(cfg).apply({'params': p}, x, segment_ids_BT=s)[
+      'hidden'])(imported.params, tokens, mask)
   ours = (np.asarray(hidden) * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
   model = transformers.AutoModel.from_pretrained(path, attn_implementation='eager').eval()
   with torch.no_grad():
