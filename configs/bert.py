@@ -51,9 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model_name = 'bert'
   c.model = dict(
       vocab_size=c.data.get_ref('vocab_size'),
-      max_len=c.data.get_ref('seq_len'),
       type_vocab_size=2,
-      position_offset=0,
+      position_offset=0,       # RoBERTa: 2 (its position ids start after the padding id)
       next_sentence=True,
       num_layers=size['num_layers'],
       num_heads=size['num_heads'],
@@ -74,6 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       window=0, block_size=0, window_blocks=1, global_blocks=1, random_blocks=1, mask_seed=0,
       remat='none', scan_layers=False,
   )
+  # Rows of the position table: the positions of a row after the offset.
+  c.model.max_len = c.data.get_ref('seq_len') + c.model.get_ref('position_offset')
   c.objective = 'bert_pretraining'
   c.objective_settings = dict(
       rate=0.15, mask_fraction=0.8, random_fraction=0.1, whole_word=False, nsp_weight=1.0)
