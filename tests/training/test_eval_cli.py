@@ -63,8 +63,16 @@ def test_unigram_baseline_is_reported_beside_the_models_perplexity(eval_output, 
                                           ev.exp.tokenizer.vocab_size)
   assert reported == pytest.approx(expected, abs=1e-4)
   model = float(re.search(r'model validation perplexity: ([\d.]+)', eval_output).group(1))
-  table = re.search(r'\| validation +\| +[\d.]+ \| +([\d.]+) \|', eval_output)
-  assert model == pytest.approx(float(table.group(1)), abs=1e-4)
+  assert model == pytest.approx(_table(eval_output)['validation']['perplexity'], abs=1e-4)
+
+
+def _table(output: str) -> dict[str, dict[str, float]]:
+  """{split: {column: value}} of the table eval.py prints."""
+  rows = [[c.strip() for c in line.strip('|').split('|')]
+          for line in output.splitlines() if line.startswith('| ')]
+  header = rows[0]
+  return {row[0]: {name: float(v) for name, v in zip(header[1:], row[1:]) if v}
+          for row in rows[1:]}
 
 
 def test_unigram_perplexity_by_hand():
