@@ -34,6 +34,9 @@ _ACTIVATIONS = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'g
                 'relu': 'relu', 'silu': 'silu', 'swish': 'silu'}
 _HF_ACTIVATIONS = {'gelu': 'gelu', 'gelu_tanh': 'gelu_new', 'relu': 'relu', 'silu': 'silu'}
 MODEL_TYPES = ('bert', 'roberta')
+# What HF's BERT/RoBERTa block is, whatever a config of ours may default to.
+_HF_BLOCK = dict(norm_position='post', norm='layer', use_bias=True, attention='scaled_dot',
+                 position='learned', mask='bidirectional', scale_residual_init=False)
 
 
 def model_type_of(cfg: bert.BertConfig) -> str:
@@ -78,20 +81,22 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
       vocab_size=hf['vocab_size'], max_len=hf['max_position_embeddings'],
       type_vocab_size=hf.get('type_vocab_size', 2), activation=_ACTIVATIONS[act],
       norm_epsilon=float(hf.get('layer_norm_eps', 1e-12)),
-      init_stddev=float(hf.get('initializer_range', 0.02)), dropout_rate=float(dropout))
+      init_stddev=float(hf.get('initializer_range', 0.02)), dropout_rate=float(dropout),
+      position_offset=0, next_sentence=True, **_HF_BLOCK)
   if model_type == 'roberta':
     pad = hf.get('pad_token_id', 1)
     if not isinstance(pad, int) or pad < 0:
       _reject('pad_token_id', pad, 'RoBERTa positions start at pad_token_id + 1')
-    fields.update(bert.roberta_preset(position_offset=pad + 1, **fields))
+    # roberta_preset's differences, with the checkpoint's own epsilon and token types.
+    fields.update(position_offset=pad + 1, next_sentence=False)
   return fields
 
 
 def config_to_hf(cfg: bert.BertConfig) -> dict[str, Any]:
   """The config.json of `cfg` for transformers (BertForPreTraining / *ForMaskedLM)."""
-  fixed = dict(norm_position='post', norm='layer', use_bias=True, attention='scaled_dot',
-               position='learned', mask='bidirectional')
-  for field, value in fixed.items():
+  for field, value in _HF_BLOCK.items():
+    if field == 'scale_residual_init':  # an initialisation, not the architecture
+      continue
     if getattr(cfg, field) != value:
       raise ValueError(f'BertConfig.{field}={getattr(cfg, field)!r}: HF BERT/RoBERTa '
                        f'needs {value!r}')
