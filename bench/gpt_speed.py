@@ -29,23 +29,18 @@ the same run.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
 
 import numpy as np
 
-from training import metrics
+from bench import common
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DOCS = os.path.join(os.path.dirname(HERE), 'docs')
-MATMUL_N = 2048
+DOCS, MATMUL_N = common.DOCS, common.MATMUL_N
 PROMPT_LEN = 32
 CLIP_NORM, LEARNING_RATE, BETAS, WEIGHT_DECAY = 1.0, 1e-4, (0.9, 0.95), 0.1
 
@@ -70,17 +65,6 @@ class Shape:
     matmul_params = self.layers * (4 * self.width**2 + 2 * self.width * self.mlp)
     matmul_params += self.vocab * self.width  # The tied output projection.
     return 6 * matmul_params + 12 * self.layers * self.seq * self.width
-
-
-def _best_rate(matmul, repeats: int) -> float:
-  """GFLOP/s of the fastest of `repeats` calls of an N x N x N matmul (after a warm-up)."""
-  matmul()
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul()
-    best = min(best, time.perf_counter() - start)
-  return 2 * MATMUL_N**3 / best / 1e9
 
 
 # --------------------------------------------------------------------------- our side
@@ -132,8 +116,12 @@ class Ours:
     return {'framework': f'jax {self._jax.__version__} ({self._jax.default_backend()})',
             'params': self.num_params}
 
+  def warm_up(self) -> None:
+    self.train(1)  # Compiles (ours) and warms the allocator (both).
+    self.decode(1)
+
   def matmul(self, repeats: int) -> float:
-    return _best_rate(self._matmul, repeats)
+    return common.best_rate(self._matmul, repeats)
 
   def train(self, steps: int) -> list[float]:
     times = []
@@ -197,8 +185,12 @@ class Peer:
                           f'{self._torch.get_num_threads()} threads'),
             'params': self.num_params}
 
+  def warm_up(self) -> None:
+    self.train(1)  # Warms the allocator.
+    self.decode(1)
+
   def matmul(self, repeats: int) -> float:
-    return _best_rate(self._matmul, repeats)
+    return common.best_rate(self._matmul, repeats)
 
   def train(self, steps: int) -> list[float]:
     torch, times = self._torch, []
@@ -232,75 +224,20 @@ class Peer:
     return self.first_loss
 
 
-def _worker(side: str, shape: Shape, conn) -> None:
-  """Builds one side (compiling/warming it up), then answers (method, argument) requests."""
-  bench = {'ours': Ours, 'peer': Peer}[side](shape)
-  bench.train(1)  # Compiles (ours) and warms the allocator (both).
-  bench.decode(1)
-  conn.send('ready')
-  while True:
-    method, argument = conn.recv()
-    if method is None:
-      return
-    conn.send(getattr(bench, method)(argument))
-
-
-@contextlib.contextmanager
-def _environment(overrides: dict[str, str | None]):
-  """os.environ with `overrides` (None removes a variable), for starting a worker."""
-  saved = dict(os.environ)
-  for name, value in overrides.items():
-    if value is None:
-      os.environ.pop(name, None)
-    else:
-      os.environ[name] = value
-  try:
-    yield
-  finally:
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-class _Side:
-  """A worker process, started with its own environment, and a blocking call into it."""
-
-  def __init__(self, side: str, shape: Shape, env: dict[str, str | None]):
-    context = multiprocessing.get_context('spawn')
-    self.conn, child = context.Pipe()
-    self.process = context.Process(target=_worker, args=(side, shape, child), daemon=True)
-    with _environment(env):
-      self.process.start()
-
-  def wait_ready(self) -> None:
-    if self.conn.recv() != 'ready':
-      raise RuntimeError('worker failed to start')
-
-  def __call__(self, method: str, argument=None):
-    self.conn.send((method, argument))
-    return self.conn.recv()
-
-  def close(self) -> None:
-    self.conn.send((None, None))
-    self.process.join(timeout=30)
-
-
 # ---------------------------------------------------------------------------- driver
 
 
 def run(shape: Shape, rounds: int, steps: int, decodes: int, matmul_repeats: int,
         env: dict[str, dict[str, str | None]]) -> dict:
   """Measures both sides in alternating rounds; returns the medians and derived ratios."""
-  sides = {name: _Side(name, shape, env[name]) for name in ('ours', 'peer')}
-  try:
-    for side in sides.values():  # One at a time: both compile at start-up otherwise.
-      side.wait_ready()
+  specs = {'ours': (Ours, shape, env['ours']), 'peer': (Peer, shape, env['peer'])}
+  with common.started(specs) as sides:
     info = {name: side('describe') for name, side in sides.items()}
     if info['ours']['params'] != info['peer']['params']:
       raise RuntimeError(f'the two models differ: {info}')
     samples = {(name, what): [] for name in sides for what in ('matmul', 'train', 'decode')}
     for r in range(rounds):
-      order = list(sides) if r % 2 == 0 else list(sides)[::-1]
-      for name in order:
+      for name in common.round_order(list(sides), r):
         samples[name, 'matmul'].append(sides[name]('matmul', matmul_repeats))
         samples[name, 'train'].extend(sides[name]('train', steps))
         samples[name, 'decode'].extend(sides[name]('decode', decodes))
@@ -308,9 +245,6 @@ def run(shape: Shape, rounds: int, steps: int, decodes: int, matmul_repeats: int
             f'{statistics.median(samples["ours", "train"]):.3f} peer '
             f'{statistics.median(samples["peer", "train"]):.3f}', flush=True)
     losses = {name: side('loss') for name, side in sides.items()}
-  finally:
-    for side in sides.values():
-      side.close()
 
   train_s = {n: statistics.median(samples[n, 'train']) for n in sides}
   decode_s = {n: statistics.median(samples[n, 'decode']) for n in sides}
@@ -343,7 +277,7 @@ def report(result: dict, command: str) -> str:
   lines = [
       '# GPT speed: contextual vs Hugging Face transformers (PyTorch)', '',
       f'Command: `{command}`', '',
-      f'Machine: {metrics.describe_machine()}, Python {platform.python_version()}', '',
+      common.machine_line(), '',
       f'Ours: {result["frameworks"]["ours"]}. Peer: {result["frameworks"]["peer"]}.', '',
       (f'GLIBC_TUNABLES: ours {result["glibc_tunables"]["ours"] or "unset"}; peer '
        f'{result["glibc_tunables"]["peer"] or "unset"}.'), '',
@@ -392,9 +326,7 @@ def main(argv=None) -> None:
   shape = Shape(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shape)})
   if shape.seq <= PROMPT_LEN:
     parser.error(f'--seq must exceed the {PROMPT_LEN}-token prompt')
-  ours_tunables = os.environ.get('GLIBC_TUNABLES')
-  env = {'ours': {'GLIBC_TUNABLES': ours_tunables},
-         'peer': {'GLIBC_TUNABLES': ours_tunables if args.peer_tunables == 'ours' else None}}
+  env = dict(zip(('ours', 'peer'), common.tunables_env(args.peer_tunables)))
   result = run(shape, args.rounds, args.steps, args.decodes, args.matmul_repeats, env)
   command = 'python -m bench.gpt_speed ' + ' '.join(sys.argv[1:] if argv is None else argv)
   page = report(result, command.strip())
