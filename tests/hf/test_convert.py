@@ -36,6 +36,7 @@ def hf_dir(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow  # ~30 s: builds the NSP task's pipeline and the trainer three times
 def test_import_gives_a_workdir_eval_restores_and_export_gives_the_same_model(
     hf_dir, tmp_path):
   workdir = tmp_path / 'work'
