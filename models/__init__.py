@@ -7,6 +7,7 @@ from models import gpt
 MODELS = {
     'gpt': (gpt.GPTConfig, gpt.GPT),
     'bert': (bert.BertConfig, bert.BERT),  # RoBERTa too: a preset of the config
+    'bert_classifier': (bert.BertClassifierConfig, bert.BertClassifier),
 }
 
 

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import heads
 from models import layers
 from models import transformer
 
@@ -157,3 +158,48 @@ class BERT(nn.Module):
     bias_V = self.param('mlm_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
                         (cfg.vocab_size,), cfg.storage_dtype)
     return embed.attend(h_BTD) + bias_V.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BertClassifierConfig(BertConfig):
+  """A BERT with a sequence classification (or regression, `num_labels=1`) head."""
+  num_labels: int = 2
+  pooling: str = 'cls'  # heads.POOLINGS: cls (the pooler on [CLS]) | mean | max over tokens
+
+  def __post_init__(self):
+    self._check_positive_int('num_labels')
+    if self.pooling not in heads.POOLINGS:
+      self._fail(f'pooling={self.pooling!r} is not one of: {", ".join(sorted(heads.POOLINGS))}')
+    super().__post_init__()
+
+
+class BertClassifier(nn.Module):
+  """Fine-tuning: BERT (its parameters under 'bert', as pretraining saved them), a pooling
+  of its last layer, dropout and a dense layer to `num_labels` float32 logits.
+
+  Returns {'logits': [B, num_labels], 'pooled': [B, D], 'hidden': [B, T, D]}.
+  """
+  config: BertClassifierConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: Array, *, token_types_BT: Array | None = None,
+               segment_ids_BT: Array | None = None, positions_BT: Array | None = None,
+               deterministic: bool = True, hidden_states: bool = False) -> dict[str, Array]:
+    cfg = self.config
+    outputs = BERT(cfg, name='bert')(
+        tokens_BT, token_types_BT=token_types_BT, segment_ids_BT=segment_ids_BT,
+        positions_BT=positions_BT, deterministic=deterministic, hidden_states=hidden_states)
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones_like(tokens_BT)
+    # 'cls' is BERT's own pooler (dense + tanh on [CLS]); mean and max pool the last layer.
+    pooled_BD = (outputs['pooled'] if cfg.pooling == 'cls' else
+                 heads.POOLINGS[cfg.pooling](outputs['hidden'], segment_ids_BT))
+    pooled_BD = nn.Dropout(cfg.dropout_rate)(pooled_BD, deterministic=deterministic)
+    logits_BC = nn.Dense(
+        cfg.num_labels, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_stddev),
+                                                 ('embed', 'classes')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('classes',)),
+        name='classifier')(pooled_BD)
+    return {**{k: v for k, v in outputs.items() if k in ('hidden', 'hidden_states')},
+            'pooled': pooled_BD, 'logits': logits_BC.astype(jnp.float32)}

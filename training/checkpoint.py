@@ -200,6 +200,17 @@ def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
 
+def read_json(path: str):
+  """A JSON file, or an error naming it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{path} does not exist') from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}: not valid JSON (line {e.lineno}: {e.msg})') from None
+
+
 def write_json(path: str, obj) -> None:
   """Writes JSON atomically: readers never see a half-written file."""
   tmp = f'{path}.tmp-{os.getpid()}'

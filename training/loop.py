@@ -190,6 +190,62 @@ def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
   return list(batches)
 
 
+def init_from(workdir: str, params, param_shardings):
+  """`params` with the latest checkpoint of the run in `workdir` grafted in.
+
+  The source's parameter tree goes where it fits: at the root (continuing a run of the same
+  model) or under the one top-level scope it matches (a pretrained BERT under a
+  classifier's 'bert'). Parameters the source lacks (a fresh head) keep their
+  initialisation and are listed; any shape that differs is an error naming it.
+  """
+  source_config = ml_collections.ConfigDict(
+      checkpoint.read_json(os.path.join(workdir, 'config.json')))
+  source = build(source_config, mesh_shape=[-1] + [1] * (len(source_config.mesh.axes) - 1))
+  abstract, shardings = source.abstract_state()
+  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), async_save=False)
+  state, step = checkpoint.restore_latest(mngr, abstract, shardings, move_damaged=False)
+  mngr.close()
+  if state is None:
+    raise FileNotFoundError(f'config.train.init_from={workdir!r}: no readable checkpoint')
+  source_params = jax.device_get(state.params)
+  scope = graft_scope(params, source_params)
+  target = params if scope is None else params[scope]
+  problems = [p for p in checkpoint.mismatched_parameters(source_params, target)
+              if 'not in the checkpoint' not in p]
+  if problems:
+    raise checkpoint.IncompatibleCheckpointError(
+        f'config.train.init_from={workdir!r} does not fit this model:\n  ' + '\n  '.join(problems))
+  fresh = [p.split(':')[0] for p in checkpoint.mismatched_parameters(source_params, target)]
+  grafted = _fill(target, source_params)
+  if scope is not None:
+    grafted = {**params, scope: grafted}
+    fresh += [name for name in params if name != scope]
+  print(f'Initialised from {workdir} (step {step})' + (f'{" under " + scope if scope else ""}; '
+        f'fresh: {", ".join(fresh)}' if fresh else '.'), flush=True)
+  return jax.device_put(grafted, param_shardings)
+
+
+def graft_scope(params, source_params) -> str | None:
+  """None if the source's top-level names are the target's own, else the one target scope
+  whose children they are."""
+  if set(source_params) <= set(params):
+    return None
+  scopes = [name for name, child in params.items()
+            if isinstance(child, dict) and set(source_params) <= set(child)]
+  if len(scopes) != 1:
+    raise checkpoint.IncompatibleCheckpointError(
+        f'the checkpoint\'s parameters {sorted(source_params)} fit no single scope of this '
+        f'model {sorted(params)}')
+  return scopes[0]
+
+
+def _fill(target, source):
+  """`target`'s tree with `source`'s leaves wherever source has them."""
+  if not isinstance(target, dict):
+    return source
+  return {k: _fill(v, source[k]) if k in source else v for k, v in target.items()}
+
+
 def check_workdir(workdir: str) -> None:
   """Fails before any compute if the workdir cannot be written."""
   try:
@@ -233,6 +289,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if state is None:
     rng = jax.random.key(config.seed)
     state, _ = step_lib.create_state(rng, exp.model, exp.tx, exp.sample_inputs, exp.mesh, exp.rules)
+    if train_cfg.get('init_from'):
+      state = state.replace(params=init_from(train_cfg.init_from, state.params,
+                                             state_shardings.params))
     start = 0
   else:
     print(f'Resumed from {mngr.directory} at step {start}.', flush=True)

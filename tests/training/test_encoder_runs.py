@@ -3,14 +3,19 @@
 import importlib
 import json
 import os
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 
 from configs import bert
+from configs import bert_finetune
 from configs import roberta
 from training import loop
 from training import metrics
+from training import step as step_lib
 
 
 def _tiny(config, tmp_path, **train):
@@ -42,7 +47,7 @@ def test_bert_pretraining_reports_mlm_and_nsp_and_lowers_the_loss(bert_run):
   for name in ('mlm_loss', 'mlm_accuracy', 'mlm_perplexity', 'nsp_loss', 'nsp_accuracy'):
     assert np.isfinite(report[name]), name
   assert report['loss'] == pytest.approx(report['mlm_loss'] + report['nsp_loss'], rel=1e-6)
-  assert 0.3 < report['nsp_accuracy'] < 0.7  # 6 steps: NSP is still at chance
+  assert 0.3 < report["nsp_accuracy"] < 0.7  # 16 tiny steps: NSP is still at chance
   train = [m for m in metrics.read_metrics(workdir) if m['split'] == 'train']
   assert [m['step'] for m in train] == list(range(1, 17))
   # The MLM loss starts near log(V) and falls (a sign flip in the update would raise it).
@@ -68,3 +73,48 @@ def test_roberta_trains_full_sentences_with_microbatches(tmp_path):
   report = loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 'nsp_loss' not in report and np.isfinite(report['mlm_loss'])
   assert report['loss'] == report['mlm_loss']
+
+
+def _finetune_config(pretrained: str, **train):
+  config = bert_finetune.get_config(f'task=paraphrase,init_from={pretrained},batch_size=8')
+  config.unlock()
+  config.train.update(dict(dict(num_steps=2, log_every=1, eval_every=2, checkpoint_every=2,
+                                eval_batches=2), **train))
+  config.lock()
+  return config
+
+
+def test_finetuning_starts_from_the_pretrained_encoder_with_a_fresh_head(bert_run):
+  workdir, _ = bert_run
+  config = _finetune_config(workdir)
+  assert config.model.num_layers == 2 and config.data.tokenizer == 'wordpiece'
+  exp = loop.build(config)
+  fresh, shardings = step_lib.create_state(jax.random.key(0), exp.model, exp.tx,
+                                           exp.sample_inputs, exp.mesh, exp.rules)
+  params = loop.init_from(workdir, fresh.params, shardings.params)
+  pretrained = evaluator_params(workdir)
+  jax.tree.map(np.testing.assert_array_equal, params['bert'], pretrained)
+  jax.tree.map(np.testing.assert_array_equal, params['classifier'], fresh.params['classifier'])
+
+
+def test_finetuning_reports_task_metrics_and_eval_prints_the_baseline(bert_run, tmp_path):
+  workdir, _ = bert_run
+  run = str(tmp_path / 'paraphrase')
+  report = loop.train_and_evaluate(_finetune_config(workdir), run)
+  for name in ('loss', 'accuracy', 'f1', 'macro_f1', 'mcc'):
+    assert np.isfinite(report[name]), name
+  assert report['examples'] == 16  # eval_batches=2 of 8 pairs
+  result = subprocess.run([sys.executable, 'eval.py', f'--workdir={run}', '--splits=validation'],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = {line.split('|')[1].strip(): line for line in result.stdout.splitlines()
+          if line.startswith('| ')}
+  assert 'mcc' in rows['split'] and 'validation' in rows
+  assert 'validation (baseline)' in rows
+
+
+def evaluator_params(workdir):
+  evaluator = importlib.import_module('eval').Evaluator(workdir)
+  state, _ = evaluator.restore_latest()
+  return jax.device_get(state.params)
