@@ -67,7 +67,7 @@ def baseline(task: str, labels: dict[str, np.ndarray], num_classes: int, *,
   result = {}
   majority = int(np.bincount(labels['train'].astype(np.int64), minlength=num_classes).argmax())
   for split in labels:
-    if split == 'train':
+    if split == 'train' or (labels[split] < 0).any():  # GLUE's test labels are hidden (-1)
       continue
     constant = np.full_like(labels[split], majority)
     result[split] = scores(labels[split], constant, num_classes)
@@ -118,7 +118,7 @@ def probe(features_dir: str, c_grid: Sequence[float] = C_GRID) -> dict:
 
 def markdown(report: dict) -> str:
   """The report as a markdown table: one row per layer spec, then the baseline."""
-  splits = [s for s in ('validation', 'test') if s in report['baseline']]
+  splits = [s for s in ('validation', 'test') if s in report['examples']]
   f1 = 'F1' if report['num_classes'] == 2 else 'macro-F1'
   head = ['features', 'dim', 'C'] + [f'{s} {m}' for s in splits for m in ('acc', f1, 'MCC')]
 

@@ -22,7 +22,7 @@ concatenated" of Devlin et al. 2019, section 5.3. Pooling is by name (models/hea
 mean or max over real tokens (segment_ids != 0), cls the layer's state at position 0 (not
 the pooler's output). Rows that pad the last batch (example_weight 0) are dropped, so N is
 the split's number of examples (or --max_examples). One host: the features are gathered
-on it.
+in its memory (--pooling=tokens keeps N·T·F floats: use --max_examples on large splits).
 """
 
 from __future__ import annotations

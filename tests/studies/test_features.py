@@ -208,3 +208,10 @@ def test_probe_baseline_on_whole_splits_is_the_tasks(monkeypatch):
   assert whole['validation']['accuracy'] == 0.25 and whole['validation']['f1'] == 0.4
   subset = feature_probe.baseline('paraphrase', labels, 2, complete=False)
   assert subset['validation']['accuracy'] == 0.25 and subset['validation']['f1'] == pytest.approx(0.4)
+
+
+def test_probe_baseline_skips_hidden_labels():
+  labels = {'train': np.array([1, 1, 0]), 'validation': np.array([0, 1]),
+            'test': np.array([-1, -1])}  # GLUE's test split: labels withheld
+  result = feature_probe.baseline('glue/sst2', labels, 2, complete=False)
+  assert set(result) == {'validation'}
