@@ -95,7 +95,9 @@ class BERT(nn.Module):
     batch_size, length = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch_size, length))
-    if token_types_BT is None:
+    if token_types_BT is None or cfg.type_vocab_size == 1:
+      # One token type (RoBERTa): sentence B is marked by its separators alone, so the
+      # pair layout's type ids of B are read as type 0 (as RoBERTa's tokenizer gives them).
       token_types_BT = jnp.zeros_like(tokens_BT)
     init = nn.initializers.normal(stddev=cfg.init_stddev)
 

@@ -82,6 +82,9 @@ def test_roberta_preset_offsets_positions_and_drops_nsp():
   assert params['type_embed']['embedding'].shape == (1, 16)
   out = model.apply({'params': params}, tokens)
   assert 'nsp_logits' not in out
+  # Pair tasks mark sentence B with type 1; with one type it reads as type 0.
+  typed = model.apply({'params': params}, tokens, token_types_BT=jnp.ones_like(tokens))
+  np.testing.assert_array_equal(typed['hidden'], out['hidden'])
   # Position id p reads row p + 2 of the table: shifting the table by two rows and the
   # offset by -2 gives the same model.
   shifted = bert.BERT(bert.BertConfig(**{**TINY, **bert.roberta_preset(max_len=18,
