@@ -82,14 +82,16 @@ def test_eval_reproduces_the_training_runs_own_validation(tmp_path):
 def experiment(tmp_path_factory):
   """(exp, initial state, a batch) of the tiny config, with a nonzero learning rate at step 0.
 
-  No warmup, so the first update moves every parameter; Adam's eps is 1e-3 so an update
+  No warmup, so the first update moves every parameter. Adam's eps is 1e-3 so an update
   stays proportional to small gradients (with eps=1e-8 a gradient near 1e-8 becomes a full
-  step whose size turns on its last bits, and the update comparisons below would be luck).
+  step whose size turns on its last bits, and the update comparisons below would be luck),
+  and no clipping, which would hide a wrongly scaled gradient from the update.
   """
   config = tiny_config(tmp_path_factory.mktemp('experiment'), num_steps=20)
   config.unlock()
   config.optimizer.warmup_steps = 0
   config.optimizer.eps = 1e-3
+  config.optimizer.clip_norm = 1e6
   config.lock()
   exp = loop.build(config)
   state, _ = step_lib.create_state(jax.random.key(0), exp.model, exp.tx, exp.sample_inputs,
@@ -98,10 +100,17 @@ def experiment(tmp_path_factory):
   return exp, state, batch
 
 
+_STEPS = {}
+
+
 def _train_step(exp, loss_fn=None, microbatches=1):
-  return jax.jit(functools.partial(
-      step_lib.train_step, loss_fn=loss_fn or exp.objective.loss_fn, model=exp.model, seed=0,
-      learning_rate_fn=exp.learning_rate_fn, microbatches=microbatches))
+  """train_step jitted once per (experiment, loss, microbatches): tests share compilations."""
+  key = (id(exp), loss_fn, microbatches)
+  if key not in _STEPS:
+    _STEPS[key] = jax.jit(functools.partial(
+        step_lib.train_step, loss_fn=loss_fn or exp.objective.loss_fn, model=exp.model, seed=0,
+        learning_rate_fn=exp.learning_rate_fn, microbatches=microbatches))
+  return _STEPS[key]
 
 
 def test_a_few_steps_lower_the_training_loss_well_below_its_start(experiment):
