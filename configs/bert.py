@@ -64,14 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # BERT's block: post-LN, exact GELU, LayerNorm epsilon 1e-12.
       norm_position='post', norm='layer', norm_epsilon=1e-12, activation='gelu',
       use_bias=True, init_stddev=0.02, scale_residual_init=False,
-      # Attention variants, by name (models/attention.py, models/positions.py):
-      attention='scaled_dot', kernel='xla',
-      mask='bidirectional',    # bidirectional | sliding_window | bigbird
-      position='learned',      # none | learned | sinusoidal | shaw | t5 | rope | alibi | deberta
-      relative_window=16, relative_buckets=32, relative_max_distance=128,
-      rope_base=10000.0, sinusoid_scale=0.02,
-      window=0, block_size=0, window_blocks=1, global_blocks=1, random_blocks=1, mask_seed=0,
-      remat='none', scan_layers=False,
+      **common.stack_settings(mask='bidirectional'),
   )
   # Rows of the position table: the positions of a row after the offset.
   c.model.max_len = c.data.get_ref('seq_len') + c.model.get_ref('position_offset')

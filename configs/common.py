@@ -40,3 +40,31 @@ def pick(table: dict, key: str, what: str):
   if key not in table:
     raise ValueError(f'unknown {what} {key!r}; choose one of {", ".join(table)}')
   return table[key]
+
+
+def stack_settings(*, mask: str, **overrides) -> dict:
+  """The attention, position and memory settings of the shared stack
+  (models/transformer.py) that every family's `config.model` carries, each overridable
+  by name (`--config.model.position=rope`). `mask` is the family's dense default."""
+  settings = dict(
+      # Attention variants, by name (models/attention.py, models/positions.py):
+      attention='scaled_dot',  # score: scaled_dot | dot | general (Luong) | additive (Bahdanau)
+      kernel='xla',            # xla (einsum) | cudnn (fused) | block_sparse
+      mask=mask,               # decoders: causal | sliding_window | bigbird | prefix_lm;
+                               # encoders: bidirectional | sliding_window | bigbird
+      position='learned',      # none | learned | sinusoidal | shaw | t5 | rope | alibi | deberta
+      relative_window=16,      # shaw: clipping distance k
+      relative_buckets=32,     # t5, deberta
+      relative_max_distance=128,
+      rope_base=10000.0,
+      sinusoid_scale=0.02,     # sinusoidal: amplitude, matched to the embeddings' init
+      window=0,                # sliding_window: slots each query sees
+      block_size=0,            # bigbird / block_sparse tiles
+      window_blocks=1, global_blocks=1, random_blocks=1, mask_seed=0,
+      remat='none',            # none | full | save_dots: recompute activations in backward
+      scan_layers=False,       # nn.scan over the layers (parameters gain a 'layers' axis)
+  )
+  unknown = set(overrides) - set(settings)
+  if unknown:
+    raise ValueError(f'stack_settings: unknown settings {sorted(unknown)}')
+  return {**settings, **overrides}

@@ -48,21 +48,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dropout_rate=0.0,
       dtype='float32',
       param_dtype='float32',
-      # Attention variants, by name (models/attention.py, models/positions.py):
-      attention='scaled_dot',  # score: scaled_dot | dot | general (Luong) | additive (Bahdanau)
-      kernel='xla',            # xla (einsum) | cudnn (fused) | block_sparse
-      mask='causal',           # causal | sliding_window | bigbird | prefix_lm
-      position='learned',      # none | learned | sinusoidal | shaw | t5 | rope | alibi | deberta
-      relative_window=16,      # shaw: clipping distance k
-      relative_buckets=32,     # t5, deberta
-      relative_max_distance=128,
-      rope_base=10000.0,
-      sinusoid_scale=0.02,     # sinusoidal: amplitude, matched to the embeddings' init
-      window=0,                # sliding_window: slots each query sees
-      block_size=0,            # bigbird / block_sparse tiles
-      window_blocks=1, global_blocks=1, random_blocks=1, mask_seed=0,
-      remat='none',            # none | full | save_dots: recompute activations in backward
-      scan_layers=False,       # nn.scan over the layers (parameters gain a 'layers' axis)
+      # GPT-2's block: pre-LN, tanh GELU, LayerNorm epsilon 1e-5, residual projections
+      # initialised with σ/sqrt(2L).
+      norm_position='pre', norm='layer', norm_epsilon=1e-5, activation='gelu_tanh',
+      use_bias=True, init_stddev=0.02, scale_residual_init=True,
+      **common.stack_settings(mask='causal'),
   )
   c.objective = 'causal_lm'
 

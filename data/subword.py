@@ -20,12 +20,13 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from data import tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +183,7 @@ class SubwordTokenizer:
     path = pathlib.Path(path)
     if path.is_dir():
       path = path / 'tokenizer.json'
-    _write_atomically(path, self._json.encode('utf-8'))
+    tokenizer_lib.write_atomically(path, self._json.encode('utf-8'))
     return path
 
   def save_pretrained(self, directory: str | os.PathLike) -> list[pathlib.Path]:
@@ -196,7 +197,7 @@ class SubwordTokenizer:
                                   else 'RobertaTokenizer'),
               'do_lower_case': self.lowercase}
     files.append(directory / 'tokenizer_config.json')
-    _write_atomically(files[-1], json.dumps(config, indent=2).encode('utf-8'))
+    tokenizer_lib.write_atomically(files[-1], json.dumps(config, indent=2).encode('utf-8'))
     return files
 
   @property
@@ -394,20 +395,6 @@ def from_pretrained_dir(directory: str | os.PathLike) -> SubwordTokenizer:
 
 # ---------------------------------------------------------------------------------------
 # The cache.
-
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-  # Several workers or hosts may train the same tokenizer; each writes a private file and
-  # renames it, so a reader never sees half a file.
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
 
 def get_or_train(path: str | os.PathLike, texts_fn: Callable[[], Iterable[str]], kind: str,
                  vocab_size: int, lowercase: bool | None = None) -> SubwordTokenizer:

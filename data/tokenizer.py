@@ -117,7 +117,8 @@ def train(texts: Iterable[str], *, model_type: str, vocab_size: int) -> bytes:
   return model.getvalue()
 
 
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+def write_atomically(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to `path` through a private temporary file and a rename."""
   # Concurrent workers (pytest -n 2, several hosts) may train the same tokenizer; each
   # writes a private file and renames it, so a reader never sees half a model.
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,5 +137,5 @@ def get_or_train(path: str | os.PathLike, texts: Callable[[], Iterable[str]], *,
   """Loads the model at `path`, training it on `texts()` first if it does not exist."""
   path = pathlib.Path(path)
   if not path.exists():
-    _write_atomically(path, train(texts(), model_type=model_type, vocab_size=vocab_size))
+    write_atomically(path, train(texts(), model_type=model_type, vocab_size=vocab_size))
   return Tokenizer.load(path)

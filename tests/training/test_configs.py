@@ -30,8 +30,13 @@ def test_config_builds_its_model(module, size):
   model = model_cls(config_cls(**config.model))
   tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
   variables = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
-  logits = jax.eval_shape(lambda v, t: model.apply(v, t), variables, tokens)
-  assert logits.shape == (1, config.data.seq_len, config.model.vocab_size)
+  outputs = jax.eval_shape(lambda v, t: model.apply(v, t), variables, tokens)
+  if not isinstance(outputs, dict):  # a language model: next-token logits
+    outputs = {'mlm_logits': outputs}
+  if 'logits' in outputs:  # a classifier
+    assert outputs['logits'].shape == (1, config.model.num_labels)
+  else:
+    assert outputs['mlm_logits'].shape == (1, config.data.seq_len, config.model.vocab_size)
 
 
 def test_config_files_are_found():
