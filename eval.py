@@ -10,6 +10,7 @@ restored onto whatever devices are present: the mesh becomes data-parallel over 
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -20,9 +21,11 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from data import tasks
 from models import decoding
+from objectives import regression
 from training import baselines
 from training import checkpoint
 from training import loop
@@ -66,6 +69,7 @@ class Evaluator:
     self.mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), async_save=False)
     self.step_fn = loop.eval_fn(self.exp, self.shardings)
     self._batches = {}
+    self._predict = None
 
   def restore(self, step: int):
     return checkpoint.restore(self.mngr, step, self.abstract, self.shardings)
@@ -88,12 +92,28 @@ class Evaluator:
       self._batches[split] = loop.eval_split(self.exp, split)
     return self._batches[split]
 
+  def predictions(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example predictions and labels of a split, padding rows dropped (one host)."""
+    if self._predict is None:
+      self._predict = jax.jit(functools.partial(regression.predict, model=self.exp.model))
+    predictions, labels = [], []
+    for batch in self.batches(split):
+      keep = np.asarray(batch['example_weight']) > 0
+      predictions.append(np.asarray(self._predict(params, batch))[keep])
+      labels.append(np.asarray(batch['label'])[keep])
+    return np.concatenate(predictions), np.concatenate(labels)
+
   def evaluate(self, step: int, splits=('validation', 'test'),
                state=None) -> dict[str, dict[str, float]]:
     state = state if state is not None else self.restore(step)
     with jax.set_mesh(self.exp.mesh):
       results = {split: loop.evaluate(self.exp, state.params, self.batches(split), self.step_fn)
                  for split in splits}
+      if self.exp.objective.name == 'regression':
+        # Spearman's ρ ranks every prediction of a split: it needs them all, not sums.
+        for split in splits:
+          predictions, labels = self.predictions(state.params, split)
+          results[split]['spearman'] = regression.spearman(predictions, labels)
     out_dir = os.path.join(self.workdir, 'eval')
     os.makedirs(out_dir, exist_ok=True)
     checkpoint.write_json(os.path.join(out_dir, f'step_{step}.json'),

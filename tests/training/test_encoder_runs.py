@@ -118,3 +118,29 @@ def evaluator_params(workdir):
   evaluator = importlib.import_module('eval').Evaluator(workdir)
   state, _ = evaluator.restore_latest()
   return jax.device_get(state.params)
+
+
+@pytest.mark.slow  # ~1.5 min alone on 2 cores: a second fine-tuning compile
+def test_regression_reports_pearson_and_spearman_over_the_split(bert_run, tmp_path):
+  """glue/stsb on TFDS mock data: eval.py's Spearman ranks every prediction of the split,
+  and the Pearson it computes from float32 moment sums agrees with scipy's over the same
+  predictions. After 2 steps the predictions barely vary, so the sums lose digits to
+  cancellation (seen: -0.15562 vs -0.15489): agreement to 1%, not to float precision."""
+  import scipy.stats
+  import tensorflow_datasets as tfds
+  workdir, _ = bert_run
+  run = str(tmp_path / 'stsb')
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    config = bert_finetune.get_config(f'task=glue/stsb,init_from={workdir},batch_size=8')
+    config.unlock()
+    config.train.update(num_steps=2, eval_every=2, checkpoint_every=2)
+    config.lock()
+    assert config.objective == 'regression' and config.model.num_labels == 1
+    loop.train_and_evaluate(config, run)
+    evaluator = importlib.import_module('eval').Evaluator(run)
+    result = evaluator.evaluate(2, splits=('validation',))['validation']
+    predictions, labels = evaluator.predictions(evaluator.restore(2).params, 'validation')
+  assert len(predictions) == result['examples'] == 20
+  assert result['pearson'] == pytest.approx(scipy.stats.pearsonr(predictions, labels)[0],
+                                            rel=1e-2)
+  assert result['spearman'] == pytest.approx(scipy.stats.spearmanr(predictions, labels)[0])
