@@ -21,9 +21,12 @@ tied MLM head with its output bias, NSP head; by default 4 layers, width 512, 8 
   peer: `BertForPreTraining.bert` (a `BertModel`) in eval mode under inference_mode.
 
 The peer runs twice, with attention 'sdpa' and 'eager', each in its own worker; each ratio
-is against the faster of the two on that measure (both are in the table). Parameter counts
-are checked equal. Workers, turns and environments as in bench/gpt_speed.py (bench/common.py):
-every side measures in turn, the first rotating each round, and medians are reported.
+is against the faster of the two on that measure (both are in the table). A fourth side
+(`--no-gathered` drops it), `ours_gathered`, times a what-if: our step with the MLM head run
+only at the labelled positions (`gathered_loss_fn`), which models/bert.py does not do.
+Parameter counts are checked equal. Workers, turns and environments as in
+bench/gpt_speed.py (bench/common.py): every side measures in turn, the first rotating each
+round, and medians are reported.
 Printed (and written to docs/bert_speed.md):
 
   train tokens/s ours/peer = X
@@ -257,8 +260,8 @@ class Peer:
     decay = [p for p in self.model.parameters() if p.dim() >= 2]
     no_decay = [p for p in self.model.parameters() if p.dim() < 2]
     self.optimizer = torch.optim.AdamW(
-        [{'params': decay, 'weight_decay': WEIGHT_DECAY}, {'params': no_decay, 'weight_decay': 0.0}],
-        lr=LEARNING_RATE, betas=BETAS, eps=EPS)
+        [{'params': decay, 'weight_decay': WEIGHT_DECAY},
+         {'params': no_decay, 'weight_decay': 0.0}], lr=LEARNING_RATE, betas=BETAS, eps=EPS)
     pairs = make_pairs(shape)
     inputs, labels = peer_masks(pairs['tokens'], shape.vocab)
     self.features = {'input_ids': torch.from_numpy(inputs),
