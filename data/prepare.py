@@ -52,7 +52,8 @@ def config_data(module_name: str, size: str, data_dir: str) -> pipeline.DataConf
   config = module.get_config(f'size={size}')
   data = config.get('data')
   fields = {f.name for f in dataclasses.fields(pipeline.DataConfig)}
-  if data is None or set(data.keys()) != fields:
+  # Fields a config leaves out take DataConfig's defaults (e.g. a language model's task).
+  if data is None or not set(data.keys()) <= fields:
     return None
   return dataclasses.replace(pipeline.DataConfig(**data.to_dict()), data_dir=data_dir)
 
