@@ -13,6 +13,7 @@ by hand.
 import argparse
 import json
 import os
+import sys
 
 from data import pipeline
 from data import tasks
@@ -119,10 +120,11 @@ def main(argv=None):
   parser.add_argument('--finetune', default='', help='label=workdir,label=workdir,...')
   parser.add_argument('--probe', default='', help="the feature probe's JSON")
   parser.add_argument('--out', default='docs/encoders.md')
+  argv = sys.argv[1:] if argv is None else argv
   args = parser.parse_args(argv)
   finetune = dict(item.split('=', 1) for item in filter(None, args.finetune.split(',')))
   write(args.out, args.pretrain or None, finetune, args.probe or None,
-        'python -m studies.encoder_report ' + ' '.join(argv or []))
+        'python -m studies.encoder_report ' + ' '.join(argv))
 
 
 if __name__ == '__main__':
