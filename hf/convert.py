@@ -22,6 +22,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 
@@ -140,6 +141,8 @@ def export_from_workdir(workdir: str | os.PathLike, out: str | os.PathLike,
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'usage: python -m hf.convert {{{"|".join(COMMANDS)}}} --flags...')
+  if not FLAGS['verbosity'].present:  # Orbax logs every save at INFO, as in eval.py
+    logging.set_verbosity(logging.WARNING)
   if argv[1] == 'import':
     if not (FLAGS.hf_dir and FLAGS.workdir):
       raise app.UsageError('import needs --hf_dir and --workdir')
