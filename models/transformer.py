@@ -194,11 +194,12 @@ class Block(nn.Module):
         epsilon=cfg.norm_epsilon, use_bias=cfg.use_bias, dtype=dtype,
         param_dtype=param_dtype, name=name)
 
-    def attention_layer(name: str, **kwargs) -> attention.MultiHeadAttention:
+    def attention_layer(name: str, kernel: str = cfg.kernel,
+                        **kwargs) -> attention.MultiHeadAttention:
       return attention.MultiHeadAttention(
           num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype,
           param_dtype=param_dtype, dropout_rate=cfg.dropout_rate, score=cfg.attention,
-          kernel=cfg.kernel, use_bias=cfg.use_bias, kernel_init=init,
+          kernel=kernel, use_bias=cfg.use_bias, kernel_init=init,
           out_kernel_init=residual_init, name=name, **kwargs)
 
     def sublayer(x_BTD, norm_name, fn):
