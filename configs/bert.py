@@ -90,17 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       on_nonfinite='stop',
       preemption_grace_seconds=120.0,
   )
-  c.mesh = dict(shape=(-1, 1, 1), axes=('data', 'fsdp', 'tensor'))
-  c.logical_axis_rules = (
-      ('batch', ('data', 'fsdp')),
-      ('embed', 'fsdp'),
-      ('mlp', 'tensor'),
-      ('heads', 'tensor'),
-      ('vocab', 'tensor'),
-      ('classes', None),
-      ('length', None),
-      ('kv', None),
-      ('layers', None),
-  )
+  c.mesh = dict(common.MESH)
+  c.logical_axis_rules = common.LOGICAL_AXIS_RULES
   c.lock()
   return c

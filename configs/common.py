@@ -68,3 +68,22 @@ def stack_settings(*, mask: str, **overrides) -> dict:
   if unknown:
     raise ValueError(f'stack_settings: unknown settings {sorted(unknown)}')
   return {**settings, **overrides}
+
+
+# Device mesh; -1 takes the remaining devices. Logical axis names map onto mesh axes:
+# data-parallel over 'data', parameters and optimizer state sharded over 'fsdp' (ZeRO-3
+# style, gathered per layer), Megatron-style tensor parallelism over 'tensor'. A logical
+# name whose mesh axis is already used in the same array stays unsharded, so activations
+# keep 'embed' whole while the batch is split over data and fsdp.
+MESH = dict(shape=(-1, 1, 1), axes=('data', 'fsdp', 'tensor'))
+LOGICAL_AXIS_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('classes', None),
+    ('length', None),
+    ('kv', None),
+    ('layers', None),
+)

@@ -78,21 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       preemption_grace_seconds=120.0,  # after SIGTERM: save, then exit within this long
   )
 
-  # Device mesh; -1 takes the remaining devices. Logical axis names map onto mesh axes:
-  # data-parallel over 'data', parameters and optimizer state sharded over 'fsdp' (ZeRO-3
-  # style, gathered per layer), Megatron-style tensor parallelism over 'tensor'. A logical
-  # name whose mesh axis is already used in the same array stays unsharded, so activations
-  # keep 'embed' whole while the batch is split over data and fsdp.
-  c.mesh = dict(shape=(-1, 1, 1), axes=('data', 'fsdp', 'tensor'))
-  c.logical_axis_rules = (
-      ('batch', ('data', 'fsdp')),
-      ('embed', 'fsdp'),
-      ('mlp', 'tensor'),
-      ('heads', 'tensor'),
-      ('vocab', 'tensor'),
-      ('length', None),
-      ('kv', None),
-      ('layers', None),
-  )
+  c.mesh = dict(common.MESH)
+  c.logical_axis_rules = common.LOGICAL_AXIS_RULES
   c.lock()
   return c
