@@ -4,7 +4,8 @@
       --workdir=workdirs/bert-paraphrase
   python train.py --config=configs/bert_finetune.py:task=glue/stsb,init_from=workdirs/minilm ...
 
-`init_from` is a workdir of ours (a pretraining run, or a Hugging Face checkpoint imported
+`init_from` is a workdir of ours (a BERT, RoBERTa or ELECTRA pretraining run — ELECTRA's
+discriminator is fine-tuned, its generator dropped — or a Hugging Face checkpoint imported
 with `python -m hf.convert import`): the model's and the tokenizer's settings are read from
 its config.json, so they cannot disagree, and the encoder starts from its latest checkpoint
 (training/loop.py `init_from`); the classifier head starts fresh. Without `init_from` the
@@ -16,6 +17,7 @@ The recipe is Devlin et al. 2019 §4 as run: AdamW, weight decay 0.01, warmup ov
 label (glue/stsb) trains a one-output regression head with the mean squared error.
 """
 
+import dataclasses
 import json
 import os
 
@@ -24,6 +26,7 @@ import ml_collections
 from configs import bert
 from configs import common
 from data import tasks
+from models import electra
 
 # Model and data fields a fine-tuning run takes from its pretraining run.
 _TOKENIZER_FIELDS = ('name', 'text_key', 'files', 'tokenizer', 'tokenizer_path', 'vocab_size')
@@ -72,10 +75,16 @@ def _take_model_and_tokenizer(c: ml_collections.ConfigDict, workdir: str) -> Non
                             '`python -m hf.convert import`)')
   with open(path) as f:
     source = json.load(f)
-  if source.get('model_name') not in ('bert', 'bert_classifier'):
-    raise ValueError(f'init_from={workdir!r} holds a {source.get("model_name")!r} model; '
-                     'fine-tuning here starts from a BERT-family encoder')
-  encoder_fields = {k: v for k, v in source['model'].items() if k not in ('num_labels', 'pooling')}
+  model_name = source.get('model_name')
+  if model_name not in ('bert', 'bert_classifier', 'electra'):
+    raise ValueError(f'init_from={workdir!r} holds a {model_name!r} model; '
+                     'fine-tuning here starts from a BERT-family encoder (bert, electra)')
+  if model_name == 'electra':
+    # ELECTRA keeps its discriminator: a BERT without MLM head (models/electra.py).
+    encoder_fields = dataclasses.asdict(electra.ElectraConfig(**source['model']).discriminator)
+  else:
+    encoder_fields = {k: v for k, v in source['model'].items()
+                      if k not in ('num_labels', 'pooling')}
   c.model = encoder_fields  # plain values: the source's seq_len reference is not kept
   c.data.seq_len = source['data']['seq_len']
   for field in _TOKENIZER_FIELDS:

@@ -36,7 +36,8 @@ _HF_ACTIVATIONS = {'gelu': 'gelu', 'gelu_tanh': 'gelu_new', 'relu': 'relu', 'sil
 MODEL_TYPES = ('bert', 'roberta')
 # What HF's BERT/RoBERTa block is, whatever a config of ours may default to.
 _HF_BLOCK = dict(norm_position='post', norm='layer', use_bias=True, attention='scaled_dot',
-                 position='learned', mask='bidirectional', scale_residual_init=False)
+                 position='learned', mask='bidirectional', scale_residual_init=False,
+                 embedding_size=0, mlm_head=True)
 
 
 def model_type_of(cfg: bert.BertConfig) -> str:

@@ -2,13 +2,26 @@
 
 from models import block_sparse  # pylint: disable=unused-import  (registers its kernel)
 from models import bert
+from models import electra
 from models import gpt
 
 MODELS = {
     'gpt': (gpt.GPTConfig, gpt.GPT),
     'bert': (bert.BertConfig, bert.BERT),  # RoBERTa too: a preset of the config
     'bert_classifier': (bert.BertClassifierConfig, bert.BertClassifier),
+    'electra': (electra.ElectraConfig, electra.Electra),
 }
+
+# What a fine-tuning run (`config.train.init_from`) takes from a pretraining run's
+# parameters, by the source's model name: ELECTRA keeps its discriminator alone.
+ENCODER_PARAMS = {
+    'electra': electra.discriminator_params,
+}
+
+
+def encoder_params(name: str, params):
+  """The parameters of model `name` that a fine-tuned encoder starts from."""
+  return ENCODER_PARAMS.get(name, lambda p: p)(params)
 
 
 def get(name: str) -> tuple[type, type]:

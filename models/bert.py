@@ -10,6 +10,11 @@ RoBERTa is a preset of this config (`roberta_preset`): one token type, no NSP he
 position ids offset by the padding index + 1 = 2, as RoBERTa numbers them, so imported
 weights line up. Attention, positions and masks are the shared ones, swappable by name.
 
+The embeddings are a module of their own (`Embeddings`), so that ELECTRA's generator and
+discriminator can share one (models/electra.py). With `embedding_size` E < D they are E
+wide and projected to D (ELECTRA, ALBERT), and the tied MLM head maps back to E:
+    h_0 = W_proj · (embeddings)  [E -> D];   mlm = LN(gelu(W_m h_L)) W_e^T + b_v   [D -> E -> V]
+
 Dims as in attention.py, plus V (vocabulary) and K (token types).
 """
 
@@ -36,6 +41,8 @@ class BertConfig(transformer.TransformerConfig):
   type_vocab_size: int = 2     # token types (segments A/B); RoBERTa has 1
   position_offset: int = 0     # added to position ids before the lookup; RoBERTa: 2
   next_sentence: bool = True   # the NSP head (RoBERTa drops it)
+  mlm_head: bool = True        # the MLM head (ELECTRA's discriminator has none)
+  embedding_size: int = 0      # E, the embeddings' width; 0: embed_dim (no projection)
   # BERT's block: post-LN, exact GELU, LayerNorm epsilon 1e-12, no depth-scaled init.
   norm_position: str = 'post'
   norm_epsilon: float = 1e-12
@@ -48,12 +55,19 @@ class BertConfig(transformer.TransformerConfig):
   def __post_init__(self):
     for name in ('vocab_size', 'max_len', 'type_vocab_size'):
       self._check_positive_int(name)
+    if self.embedding_size:
+      self._check_positive_int('embedding_size')
     if not isinstance(self.position_offset, int) or self.position_offset < 0:
       self._fail(f'position_offset must be a non-negative integer, got {self.position_offset!r}')
     if self.position_offset >= self.max_len:
       self._fail(f'position_offset={self.position_offset} leaves no positions below '
                  f'{self._name("max_len")}={self.max_len}')
     super().__post_init__()
+
+  @property
+  def embedding_width(self) -> int:
+    """E: `embedding_size`, or the model width when it is 0."""
+    return self.embedding_size or self.embed_dim
 
 
 def roberta_preset(**overrides: Any) -> dict[str, Any]:
@@ -62,16 +76,56 @@ def roberta_preset(**overrides: Any) -> dict[str, Any]:
           **overrides}
 
 
+def _norm(cfg: BertConfig, name: str) -> nn.Module:
+  return layers.NORMS[cfg.norm](epsilon=cfg.norm_epsilon, use_bias=cfg.use_bias,
+                                dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name=name)
+
+
+class Embeddings(nn.Module):
+  """Token + position + token-type embeddings, LayerNorm and dropout: [B, T] -> [B, T, E].
+
+  Returns the embedded inputs and the token table `[V, E]` that tied output heads score
+  against. Its parameters are token_embed, position_embed (when the positional scheme has
+  a table), type_embed and ln_embed.
+  """
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: Array, token_types_BT: Array, positions_BT: Array, *,
+               deterministic: bool) -> tuple[Array, Array]:
+    cfg = self.config
+    dtype, param_dtype, width = cfg.compute_dtype, cfg.storage_dtype, cfg.embedding_width
+    init = nn.initializers.normal(stddev=cfg.init_stddev)
+    embed = layers.Embed(cfg.vocab_size, width, dtype=dtype, param_dtype=param_dtype,
+                         embedding_init=init, name='token_embed')
+    x_BTE = embed(tokens_BT)
+    position_BTE = cfg.position_scheme.embed(positions_BT + cfg.position_offset,
+                                             max_len=cfg.max_len, features=width,
+                                             dtype=dtype, param_dtype=param_dtype)
+    if position_BTE is not None:
+      x_BTE = x_BTE + position_BTE
+    x_BTE = x_BTE + layers.Embed(cfg.type_vocab_size, width, dtype=dtype,
+                                 param_dtype=param_dtype, embedding_init=init,
+                                 name='type_embed')(token_types_BT)
+    x_BTE = _norm(cfg, 'ln_embed')(x_BTE)
+    x_BTE = nn.Dropout(cfg.dropout_rate)(x_BTE, deterministic=deterministic)
+    return x_BTE, embed.embedding_VD
+
+
 class BERT(nn.Module):
   """A BERT encoder with its pooler and pretraining heads.
 
   Returns a dict: 'hidden' [B, T, D] (the last layer), 'pooled' [B, D], 'mlm_logits'
-  [B, T, V] (float32), 'nsp_logits' [B, 2] (float32; index 0 = "B follows A", as in
-  Google's and Hugging Face's checkpoints) when the config has the NSP head, and with
-  `hidden_states=True` 'hidden_states': (embeddings, layer 1, ..., layer L). Heads whose
-  outputs a caller ignores cost nothing under jit (XLA drops them).
+  [B, T, V] (float32) when the config has the MLM head, 'nsp_logits' [B, 2] (float32;
+  index 0 = "B follows A", as in Google's and Hugging Face's checkpoints) when it has the
+  NSP head, and with `hidden_states=True` 'hidden_states': (embeddings, layer 1, ...,
+  layer L). Heads whose outputs a caller ignores cost nothing under jit (XLA drops them).
+
+  `embeddings`: an `Embeddings` module owned by a parent, shared with another encoder
+  (ELECTRA); by default BERT owns its own, its parameters at BERT's top level.
   """
   config: BertConfig
+  embeddings: nn.Module | None = None
 
   @nn.compact
   def __call__(self, tokens_BT: Array, *, token_types_BT: Array | None = None,
@@ -91,7 +145,6 @@ class BERT(nn.Module):
       hidden_states: also return every layer's hidden states.
     """
     cfg = self.config
-    dtype, param_dtype = cfg.compute_dtype, cfg.storage_dtype
     batch_size, length = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch_size, length))
@@ -99,21 +152,16 @@ class BERT(nn.Module):
       # One token type (RoBERTa): sentence B is marked by its separators alone, so the
       # pair layout's type ids of B are read as type 0 (as RoBERTa's tokenizer gives them).
       token_types_BT = jnp.zeros_like(tokens_BT)
-    init = nn.initializers.normal(stddev=cfg.init_stddev)
-
-    embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
-                         embedding_init=init, name='token_embed')
-    x_BTD = embed(tokens_BT)
-    position_BTD = cfg.position_scheme.embed(positions_BT + cfg.position_offset,
-                                             max_len=cfg.max_len, features=cfg.embed_dim,
-                                             dtype=dtype, param_dtype=param_dtype)
-    if position_BTD is not None:
-      x_BTD = x_BTD + position_BTD
-    x_BTD = x_BTD + layers.Embed(cfg.type_vocab_size, cfg.embed_dim, dtype=dtype,
-                                 param_dtype=param_dtype, embedding_init=init,
-                                 name='type_embed')(token_types_BT)
-    x_BTD = self._norm('ln_embed')(x_BTD)
-    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
+    embeddings = self.embeddings
+    if embeddings is None:
+      # Its parameters keep BERT's flat names (token_embed, ...), as checkpoints have them.
+      embeddings = Embeddings(cfg)
+      nn.share_scope(self, embeddings)
+    x_BTE, table_VE = embeddings(tokens_BT, token_types_BT, positions_BT,
+                                 deterministic=deterministic)
+    x_BTD = x_BTE
+    if cfg.embedding_width != cfg.embed_dim:
+      x_BTD = self._dense(cfg.embed_dim, 'embed_project')(x_BTE)
 
     # Schemes inside attention see the offset-free ids: a relative distance is the same.
     stack = transformer.Encoder(cfg, name='encoder')(
@@ -122,19 +170,14 @@ class BERT(nn.Module):
     hidden_BTD = stack.hidden_BTD
 
     outputs = {'hidden': hidden_BTD, 'pooled': self._pool(hidden_BTD[:, 0])}
-    outputs['mlm_logits'] = self._mlm_head(hidden_BTD, embed)
+    if cfg.mlm_head:
+      outputs['mlm_logits'] = self._mlm_head(hidden_BTD, table_VE)
     if cfg.next_sentence:
       outputs['nsp_logits'] = self._dense(2, 'nsp', out_axis='classes')(
           outputs['pooled']).astype(jnp.float32)
     if hidden_states:
       outputs['hidden_states'] = stack.hidden_states
     return outputs
-
-  def _norm(self, name: str) -> nn.Module:
-    cfg = self.config
-    return layers.NORMS[cfg.norm](epsilon=cfg.norm_epsilon, use_bias=cfg.use_bias,
-                                  dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
-                                  name=name)
 
   def _dense(self, features: int, name: str, out_axis: str = 'mlp') -> nn.Module:
     """A dense layer from the model width; a D -> D one names its output axis 'mlp' (one
@@ -151,15 +194,18 @@ class BERT(nn.Module):
     """The pooler: a dense layer and tanh over the first token's ([CLS]) hidden state."""
     return jnp.tanh(self._dense(self.config.embed_dim, 'pooler')(first_BD))
 
-  def _mlm_head(self, hidden_BTD: Array, embed: layers.Embed) -> Array:
-    """LN(act(dense(h))) scored against the tied token embeddings, plus an output bias."""
+  def _mlm_head(self, hidden_BTD: Array, table_VE: Array) -> Array:
+    """LN(act(dense(h))) [D -> E] scored against the tied token embeddings, plus a bias."""
     cfg = self.config
-    h_BTD = self._dense(cfg.embed_dim, 'mlm_dense')(hidden_BTD)
-    h_BTD = layers.activation(cfg.activation)(h_BTD)
-    h_BTD = self._norm('mlm_ln')(h_BTD)
+    h_BTE = self._dense(cfg.embedding_width, 'mlm_dense')(hidden_BTD)
+    h_BTE = layers.activation(cfg.activation)(h_BTE)
+    h_BTE = _norm(cfg, 'mlm_ln')(h_BTE)
     bias_V = self.param('mlm_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
                         (cfg.vocab_size,), cfg.storage_dtype)
-    return embed.attend(h_BTD) + bias_V.astype(jnp.float32)
+    logits_BTV = jnp.einsum('bte,ve->btv', h_BTE, table_VE.astype(cfg.compute_dtype),
+                            preferred_element_type=jnp.float32)
+    logits_BTV = nn.with_logical_constraint(logits_BTV, ('batch', 'length', 'vocab'))
+    return logits_BTV + bias_V.astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ from typing import Any
 from objectives import bert_pretraining
 from objectives import causal_lm
 from objectives import classification
+from objectives import electra
 from objectives import masked_lm
 from objectives import next_sentence
 from objectives import regression
@@ -27,6 +28,7 @@ OBJECTIVES: dict[str, types.ModuleType] = {
     'masked_lm': masked_lm,
     'next_sentence': next_sentence,
     'bert_pretraining': bert_pretraining,
+    'electra': electra,
     'classification': classification,
     'regression': regression,
 }
@@ -63,10 +65,18 @@ def _bert_pretraining(recipe: dict, tokenizer, num_classes) -> bert_pretraining.
                                                       if k in recipe})
 
 
+def _electra(recipe: dict, tokenizer, num_classes) -> electra.Electra:
+  del num_classes
+  masking = _masking(recipe, tokenizer)
+  return electra.Electra(masking, **{k: recipe.pop(k) for k in ('rtd_weight', 'temperature')
+                                     if k in recipe})
+
+
 # name: builder of its settings from (recipe, tokenizer, number of classes of the task).
 _SETTINGS: dict[str, Callable[..., Any]] = {
     'masked_lm': lambda recipe, tokenizer, num_classes: _masking(recipe, tokenizer),
     'bert_pretraining': _bert_pretraining,
+    'electra': _electra,
     'next_sentence': lambda recipe, tokenizer, num_classes: next_sentence.NextSentence(),
     'classification': lambda recipe, tokenizer, num_classes: classification.Classification(
         num_classes, **{k: recipe.pop(k) for k in ('positive_class',) if k in recipe}),
@@ -97,6 +107,8 @@ def build(name: str, recipe: Mapping[str, Any] | None = None, *, tokenizer=None,
     loss_fn = functools.partial(loss_fn, settings=settings)
   if isinstance(settings, bert_pretraining.BertPretraining):
     summarize = functools.partial(summarize, nsp_weight=settings.nsp_weight)
+  if isinstance(settings, electra.Electra):
+    summarize = functools.partial(summarize, rtd_weight=settings.rtd_weight)
   if isinstance(settings, classification.Classification):
     summarize = functools.partial(summarize, positive_class=settings.positive_class)
   return Objective(name, loss_fn, summarize, settings)

@@ -207,7 +207,8 @@ def init_from(workdir: str, params, param_shardings):
   mngr.close()
   if state is None:
     raise FileNotFoundError(f'config.train.init_from={workdir!r}: no readable checkpoint')
-  source_params = jax.device_get(state.params)
+  # What the source hands on to an encoder (ELECTRA: its discriminator alone).
+  source_params = models.encoder_params(source_config.model_name, jax.device_get(state.params))
   scope = graft_scope(params, source_params)
   target = params if scope is None else params[scope]
   problems = [p for p in checkpoint.mismatched_parameters(source_params, target)

@@ -12,7 +12,9 @@ import pytest
 
 from configs import bert
 from configs import bert_finetune
+from configs import electra
 from configs import roberta
+import models
 from training import loop
 from training import metrics
 from training import step as step_lib
@@ -73,6 +75,29 @@ def test_roberta_trains_full_sentences_with_microbatches(tmp_path):
   report = loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 'nsp_loss' not in report and np.isfinite(report['mlm_loss'])
   assert report['loss'] == report['mlm_loss']
+
+
+def test_electra_pretrains_and_its_discriminator_is_fine_tuned(tmp_path):
+  """The README's ELECTRA path: pretrain (MLM + 50·RTD), then a classifier starts from the
+  discriminator (the generator is dropped)."""
+  config = _tiny(electra.get_config('size=tiny'), tmp_path, num_steps=4, eval_every=4,
+                 checkpoint_every=4)
+  workdir = str(tmp_path / 'electra')
+  report = loop.train_and_evaluate(config, workdir)
+  for name in ('mlm_loss', 'rtd_loss', 'rtd_accuracy', 'replaced_fraction'):
+    assert np.isfinite(report[name]), name
+  assert report['loss'] == pytest.approx(report['mlm_loss'] + 50 * report['rtd_loss'], rel=1e-6)
+  # ~15% of the tokens are masked; an untrained generator replaces nearly all of them.
+  assert 0.05 < report['replaced_fraction'] < 0.2
+
+  finetune = _finetune_config(workdir)
+  assert finetune.model.embed_dim == config.model.embed_dim and not finetune.model.mlm_head
+  exp = loop.build(finetune)
+  fresh, shardings = step_lib.create_state(jax.random.key(0), exp.model, exp.tx,
+                                           exp.sample_inputs, exp.mesh, exp.rules)
+  params = loop.init_from(workdir, fresh.params, shardings.params)
+  discriminator = models.encoder_params('electra', evaluator_params(workdir))
+  jax.tree.map(np.testing.assert_array_equal, params['bert'], discriminator)
 
 
 def _finetune_config(pretrained: str, **train):
