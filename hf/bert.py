@@ -162,8 +162,8 @@ def _norm(ours: str, hf: str) -> Table:
   return [(f'{ours}/scale', f'{hf}.weight', COPY), (f'{ours}/bias', f'{hf}.bias', COPY)]
 
 
-def _layer_table(i: int, p: str) -> Table:
-  ours, hf = f'encoder/block_{i}', f'{p}encoder.layer.{i}'
+def _layer_table(i: int, p: str, ours_prefix: str = '') -> Table:
+  ours, hf = f'{ours_prefix}encoder/block_{i}', f'{p}encoder.layer.{i}'
   table = []
   for name in ('query', 'key', 'value'):
     table += [(f'{ours}/attention/{name}/kernel', f'{hf}.attention.self.{name}.weight', QKV),

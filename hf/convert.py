@@ -1,6 +1,7 @@
 """Hugging Face model directory <-> a workdir of ours (config.json + Orbax checkpoints).
 
   python -m hf.convert import --hf_dir=DIR --workdir=W [--scan_layers]
+  python -m hf.convert import --hf_dir=DISCRIMINATOR --generator_dir=GENERATOR --workdir=W
   python -m hf.convert export --workdir=W --out=DIR [--step=N]
 
 `import` writes W/config.json (the family's config, size=tiny, with config.model taken
@@ -10,7 +11,9 @@ at its start), so eval.py evaluates it and train.py resumes from it. Heads the c
 lacks (MiniLM has no MLM/NSP head) are initialised fresh and named on stdout.
 
 `export` writes DIR/config.json + model.safetensors (+ the tokenizer), loadable by
-`transformers.AutoModel.from_pretrained(DIR)` offline.
+`transformers.AutoModel.from_pretrained(DIR)` offline; an ELECTRA workdir exports
+DIR/discriminator (ElectraForPreTraining) and DIR/generator (ElectraForMaskedLM), as
+Google publishes them. An ELECTRA import takes the two directories (hf/electra.py).
 """
 
 import importlib
@@ -27,14 +30,17 @@ import jax
 import ml_collections
 
 from data import subword
+from hf import electra as hf_electra
 from hf import io as hf_io
 from models import bert
+from models import electra
 from training import checkpoint
 from training import loop
 from training import step as step_lib
 
 # The config module each HF model_type starts from.
-FAMILY_CONFIGS = {'bert': 'configs.bert', 'roberta': 'configs.roberta'}
+FAMILY_CONFIGS = {'bert': 'configs.bert', 'roberta': 'configs.roberta',
+                  'electra': 'configs.electra'}
 COMMANDS = ('import', 'export')
 
 FLAGS = flags.FLAGS
@@ -43,7 +49,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The CLI's flags, defined only when run as a program: as a library, hf.convert must
   not clash with eval.py's or train.py's flags of the same names."""
-  flags.DEFINE_string('hf_dir', None, 'import: the HF model directory to read.')
+  flags.DEFINE_string('hf_dir', None, 'import: the HF model directory to read (ELECTRA: '
+                      "the discriminator's).")
+  flags.DEFINE_string('generator_dir', None, "import, ELECTRA: the generator's HF directory.")
   flags.DEFINE_string('workdir', None, 'The workdir to write (import) or read (export).')
   flags.DEFINE_string('out', None, 'export: the HF model directory to write.')
   flags.DEFINE_integer('step', None, 'export: checkpoint step; default the latest.')
@@ -51,10 +59,9 @@ def define_flags() -> None:
   flags.DEFINE_integer('seed', 0, 'import: seed of heads the checkpoint lacks.')
 
 
-def workdir_config(hf_dir: str | os.PathLike, fields: dict[str, Any],
+def workdir_config(hf_dir: str | os.PathLike, model_type: str, fields: dict[str, Any],
                    tokenizer: subword.SubwordTokenizer) -> ml_collections.ConfigDict:
   """The family's tiny config with config.model = the HF model's fields and its tokenizer."""
-  model_type = 'roberta' if fields['position_offset'] > 0 else 'bert'
   config = importlib.import_module(FAMILY_CONFIGS[model_type]).get_config('size=tiny')
   config.unlock()
   unknown = sorted(set(fields) - set(config.model))
@@ -71,6 +78,7 @@ def workdir_config(hf_dir: str | os.PathLike, fields: dict[str, Any],
 
 
 def import_to_workdir(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *,
+                      generator_dir: str | os.PathLike | None = None,
                       scan_layers: bool = False, seed: int = 0) -> dict[str, Any]:
   """Writes `workdir` from an HF directory; returns {'config', 'fresh', 'step'}."""
   workdir = os.fspath(workdir)
@@ -78,11 +86,13 @@ def import_to_workdir(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *,
   if os.path.isdir(os.path.join(workdir, 'checkpoints')) and os.listdir(
       os.path.join(workdir, 'checkpoints')):
     raise FileExistsError(f'{workdir} already holds checkpoints: import into a new workdir')
-  imported = hf_io.load_hf_dir(hf_dir, scan_layers=scan_layers, seed=seed)
+  imported = hf_io.load_hf_dir(hf_dir, generator_dir=generator_dir, scan_layers=scan_layers,
+                              seed=seed)
   if not imported.tokenizer_files:
     raise FileNotFoundError(f'{hf_dir}: no tokenizer files ({", ".join(hf_io.TOKENIZER_FILES)});'
                             ' the model\'s token ids mean nothing without its tokenizer')
-  config = workdir_config(hf_dir, imported.fields, subword.from_pretrained_dir(hf_dir))
+  config = workdir_config(hf_dir, imported.family, imported.fields,
+                          subword.from_pretrained_dir(hf_dir))
   exp = loop.build(config)
   abstract, shardings = exp.abstract_state()
   problems = checkpoint.mismatched_parameters(imported.params, abstract.params)
@@ -117,9 +127,9 @@ def export_from_workdir(workdir: str | os.PathLike, out: str | os.PathLike,
                         step: int | None = None) -> list[pathlib.Path]:
   """Writes the HF directory `out` from a workdir's checkpoint (default the latest)."""
   config = read_workdir_config(workdir)
-  if config.model_name != 'bert':
+  if config.model_name not in ('bert', 'electra'):
     raise ValueError(f"{workdir}: model_name={config.model_name!r}; only 'bert' (BERT and "
-                     'RoBERTa) exports to Hugging Face so far')
+                     "RoBERTa) and 'electra' export to Hugging Face so far")
   data_only = [-1] + [1] * (len(config.mesh.axes) - 1)
   exp = loop.build(config, mesh_shape=data_only)
   abstract, shardings = exp.abstract_state()
@@ -134,8 +144,10 @@ def export_from_workdir(workdir: str | os.PathLike, out: str | os.PathLike,
   tokenizer = exp.tokenizer if isinstance(exp.tokenizer, subword.SubwordTokenizer) else None
   if tokenizer is None:
     print(f'note: the {config.data.tokenizer!r} tokenizer has no HF form; exported without it')
-  return hf_io.save_hf_dir(out, bert.BertConfig(**config.model), jax.device_get(state.params),
-                           tokenizer)
+  params = jax.device_get(state.params)
+  if config.model_name == 'electra':
+    return hf_electra.save_hf_dirs(out, electra.ElectraConfig(**config.model), params, tokenizer)
+  return hf_io.save_hf_dir(out, bert.BertConfig(**config.model), params, tokenizer)
 
 
 def main(argv):
@@ -146,8 +158,8 @@ def main(argv):
   if argv[1] == 'import':
     if not (FLAGS.hf_dir and FLAGS.workdir):
       raise app.UsageError('import needs --hf_dir and --workdir')
-    result = import_to_workdir(FLAGS.hf_dir, FLAGS.workdir, scan_layers=FLAGS.scan_layers,
-                               seed=FLAGS.seed)
+    result = import_to_workdir(FLAGS.hf_dir, FLAGS.workdir, generator_dir=FLAGS.generator_dir,
+                               scan_layers=FLAGS.scan_layers, seed=FLAGS.seed)
     if result['fresh']:
       print(f'{FLAGS.hf_dir} has no {", ".join(result["fresh"])} head(s): initialised fresh '
             f'(seed {FLAGS.seed})')

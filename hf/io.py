@@ -15,7 +15,9 @@ import safetensors.numpy
 
 from data import subword
 from hf import bert as hf_bert
+from hf import electra as hf_electra
 from models import bert
+from models import electra
 
 CONFIG = 'config.json'
 WEIGHTS = 'model.safetensors'
@@ -25,8 +27,10 @@ TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'vocab.json', 'merges.txt',
 
 
 class Imported(NamedTuple):
-  """An imported HF directory: BertConfig fields, our param tree, the tokenizer files
-  found beside them, and the head groups the checkpoint lacked (initialised fresh)."""
+  """An imported HF directory: its family (a key of hf.convert.FAMILY_CONFIGS), our config
+  fields, our param tree, the tokenizer files found beside them, and the parts the
+  checkpoint lacked (initialised fresh)."""
+  family: str
   fields: dict[str, Any]
   params: dict
   tokenizer_files: tuple[pathlib.Path, ...]
@@ -55,20 +59,35 @@ def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
   return safetensors.numpy.load_file(os.fspath(path))
 
 
-def load_hf_dir(directory: str | os.PathLike, *, scan_layers: bool = False,
-                seed: int = 0) -> Imported:
-  """Imports an HF BERT/RoBERTa directory (config.json + model.safetensors).
+def load_hf_dir(directory: str | os.PathLike, *, generator_dir: str | os.PathLike | None = None,
+                scan_layers: bool = False, seed: int = 0) -> Imported:
+  """Imports an HF BERT/RoBERTa/ELECTRA directory (config.json + model.safetensors).
 
-  `scan_layers` picks our layout (and is set in the returned fields); heads the checkpoint
-  lacks are initialised from `seed` and named in `fresh`.
+  ELECTRA: `directory` is the discriminator's (ElectraForPreTraining), `generator_dir` the
+  generator's (ElectraForMaskedLM; without it the generator starts fresh). `scan_layers`
+  picks our layout (and is set in the returned fields); parts the checkpoint lacks are
+  initialised from `seed` and named in `fresh`.
   """
   directory = pathlib.Path(directory)
-  fields = {**hf_bert.config_from_hf(read_config(directory)), 'scan_layers': scan_layers}
-  params, fresh = hf_bert.params_from_hf(read_safetensors(directory),
-                                         bert.BertConfig(**fields), seed=seed)
+  hf_config = read_config(directory)
   tokenizer_files = tuple(directory / name for name in TOKENIZER_FILES
                           if (directory / name).is_file())
-  return Imported(fields, params, tokenizer_files, fresh)
+  if hf_config.get('model_type') == 'electra':
+    generator = None if generator_dir is None else read_config(generator_dir)
+    fields = {**hf_electra.config_from_hf(hf_config, generator), 'scan_layers': scan_layers}
+    params, fresh = hf_electra.params_from_hf(
+        read_safetensors(directory),
+        None if generator_dir is None else read_safetensors(generator_dir),
+        electra.ElectraConfig(**fields), seed=seed)
+    return Imported('electra', fields, params, tokenizer_files, fresh)
+  if generator_dir is not None:
+    raise ValueError(f'--generator_dir is for ELECTRA; {directory} holds a '
+                     f'{hf_config.get("model_type")!r} model')
+  fields = {**hf_bert.config_from_hf(hf_config), 'scan_layers': scan_layers}
+  params, fresh = hf_bert.params_from_hf(read_safetensors(directory),
+                                         bert.BertConfig(**fields), seed=seed)
+  return Imported(hf_bert.model_type_of(bert.BertConfig(**fields)), fields, params,
+                  tokenizer_files, fresh)
 
 
 def save_hf_dir(directory: str | os.PathLike, config: bert.BertConfig | Mapping[str, Any],

@@ -51,14 +51,14 @@ class ElectraConfig(bert.BertConfig):
       self._check_positive_int('generator_num_layers')
     super().__post_init__()
     width = self.embed_dim * self.generator_fraction
-    if width != int(width) or int(width) % self.generator_heads:
+    if abs(width - round(width)) > 1e-6 or round(width) % self.generator_heads:
       self._fail(f'generator_fraction={self.generator_fraction} of embed_dim={self.embed_dim} '
                  f'gives a generator width {width} that is not a whole multiple of its '
                  f'{self.generator_heads} heads')
 
   @property
   def generator_heads(self) -> int:
-    return max(1, int(self.num_heads * self.generator_fraction))
+    return max(1, int(self.num_heads * self.generator_fraction + 1e-6))
 
   def _encoder(self, **changes) -> bert.BertConfig:
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(bert.BertConfig)}
@@ -74,8 +74,9 @@ class ElectraConfig(bert.BertConfig):
   def generator(self) -> bert.BertConfig:
     """The generator: a narrower BERT (with its MLM head) over the same embeddings."""
     f = self.generator_fraction
-    return self._encoder(embed_dim=int(self.embed_dim * f),
-                         mlp_dim=max(1, int(self.mlp_dim * f)),
+    # round(): a fraction such as 1/3 (ELECTRA-Base's generator) is not exact in binary.
+    return self._encoder(embed_dim=round(self.embed_dim * f),
+                         mlp_dim=max(1, round(self.mlp_dim * f)),
                          num_heads=self.generator_heads,
                          num_layers=self.generator_num_layers or self.num_layers)
 
