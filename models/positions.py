@@ -271,37 +271,86 @@ class Deberta(NoPositions):
   """He et al. 2021: content->content + content->position + position->content.
 
   A relative embedding table `[relative_buckets, D]` (log buckets up to
-  `relative_max_distance`) is shared by the layers; each layer projects it separately.
-  The three terms share the scale: with a dot score of scale s (1/sqrt(H) for
-  'scaled_dot'), logits = (q·k + c2p + p2c) · s / sqrt(3). No positions at the input.
+  `relative_max_distance`) is shared by the layers; each layer projects it. The terms
+  share the scale: with a dot score of scale s (1/sqrt(H) for 'scaled_dot') and c of the
+  relative terms on, logits = (q·k + c2p + p2c) · s / sqrt(1 + c). No positions at the
+  input.
+
+  Its defaults are the paper's equation as first written here (docs/positions.md ran
+  them); DeBERTa-v2 and v3, as released, set (models/deberta.py does):
+    deberta_v2=True        its log buckets (`relative.deberta_v2_bucket_index`, reaching
+                           bucket 2·mid - 1 at distance relative_max_distance - 1), p2c at
+                           δ(i, j) as its code computes it, and dropout on the relative
+                           embeddings in every layer (the attention's dropout);
+    share_att_key=True     the table projected by the layer's own W_q, W_k (and biases);
+    norm_rel_ebd='layer_norm'  a LayerNorm (epsilon `norm_epsilon`) on the shared table.
+  `pos_att_type` names the relative terms, 'c2p|p2c', 'c2p' or 'p2c' (as transformers).
+  `relative_buckets` is twice transformers' `position_buckets` (rows of both directions).
   """
   name: ClassVar[str] = 'deberta'
   relative_buckets: int = 32
   relative_max_distance: int = 128
+  deberta_v2: bool = False
+  share_att_key: bool = False
+  pos_att_type: str = 'c2p|p2c'
+  norm_rel_ebd: str = 'none'
+  norm_epsilon: float = 1e-5
 
   def __post_init__(self):
     _check_positive(self, 'relative_buckets', 'relative_max_distance')
+    _check_positive(self, 'norm_epsilon', kind=(int, float))
     if self.relative_buckets < 4 or self.relative_buckets % 2:
       raise ValueError(f'relative_buckets must be even and >= 4 for position {self.name!r} '
                        f'(half per direction), got {self.relative_buckets}')
+    mid = self.relative_buckets // 4
+    if self.deberta_v2 and self.relative_max_distance - 1 <= mid:
+      raise ValueError(f'relative_max_distance must exceed relative_buckets // 4 + 1 = '
+                       f'{mid + 1} for position {self.name!r} with deberta_v2 (its log '
+                       f'buckets start past {mid}), got {self.relative_max_distance}')
+    for name in ('deberta_v2', 'share_att_key'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'{name} must be a bool for position {self.name!r}, '
+                         f'got {getattr(self, name)!r}')
+    terms = self.terms
+    if (not terms or len(set(terms)) != len(terms)
+        or not set(terms) <= set(relative.DISENTANGLED_TERMS)):
+      raise ValueError(f"pos_att_type must name distinct terms among 'c2p' and 'p2c', "
+                       f"joined by '|', for position {self.name!r}, got {self.pos_att_type!r}")
+    if self.norm_rel_ebd not in ('none', 'layer_norm'):
+      raise ValueError(f"norm_rel_ebd must be 'none' or 'layer_norm' for position "
+                       f"{self.name!r}, got {self.norm_rel_ebd!r}")
+
+  @property
+  def terms(self) -> tuple[str, ...]:
+    """The relative terms on, e.g. ('c2p', 'p2c')."""
+    if not isinstance(self.pos_att_type, str):
+      return ()
+    return tuple(term.strip() for term in self.pos_att_type.split('|'))
 
   def shared(self, context, *, num_heads, features, bidirectional, dtype, param_dtype):
     del context, num_heads, bidirectional
-    return relative.RelativeEmbedding(self.relative_buckets, features, dtype=dtype,
-                                      param_dtype=param_dtype, name='relative_embed')()
+    epsilon = self.norm_epsilon if self.norm_rel_ebd == 'layer_norm' else None
+    return relative.RelativeEmbedding(self.relative_buckets, features, norm_epsilon=epsilon,
+                                      dtype=dtype, param_dtype=param_dtype,
+                                      name='relative_embed')()
 
   def attend(self, q_BTNH, k_BSNH, v_BSNH, context, *, attend, mask_B1TS, score, kernel,
              dropout, dtype, param_dtype):
-    del mask_B1TS, kernel, dropout
+    del mask_B1TS, kernel
     context = _require(context, self.name)
+    if self.deberta_v2 and dropout is not None:
+      # DeBERTa-v2 drops entries of the relative table in each layer, at the rate of the
+      # attention's dropout (transformers: hidden_dropout_prob, which must equal it here).
+      context = context.replace(shared=dropout(context.shared))
     terms_BNTS = relative.DisentangledBias(
         num_buckets=self.relative_buckets, max_distance=self.relative_max_distance,
+        terms=self.terms, v2=self.deberta_v2, share_att_key=self.share_att_key,
         dtype=dtype, param_dtype=param_dtype, name='relative')(q_BTNH, k_BSNH, context)
-    # Dividing q by sqrt(3) puts the content term on the same 1/sqrt(3) footing, so any
-    # kernel (cuDNN's included) computes it.
-    third = 1.0 / math.sqrt(3.0)
-    bias_BNTS = terms_BNTS * (relative.dot_scale(score, q_BTNH.shape[-1]) * third)
-    return attend((q_BTNH * third).astype(q_BTNH.dtype), k_BSNH, v_BSNH, bias_BNTS=bias_BNTS)
+    # Dividing q by sqrt(1 + c) puts the content term on the same footing, so any kernel
+    # (cuDNN's included) computes it.
+    shrink = 1.0 / math.sqrt(1 + len(self.terms))
+    bias_BNTS = terms_BNTS * (relative.dot_scale(score, q_BTNH.shape[-1]) * shrink)
+    return attend((q_BTNH * shrink).astype(q_BTNH.dtype), k_BSNH, v_BSNH, bias_BNTS=bias_BNTS)
 
 
 # -------------------------------------------------------------------------- registry

@@ -16,6 +16,7 @@ mask sees to that), and a cached key keeps the distance it had in the full forwa
 Dims as in attention.py, plus R (relative buckets, the rows of a relative table).
 """
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -23,6 +24,9 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from models import layers
 
 Array = jax.Array
 Dtype = Any
@@ -91,6 +95,56 @@ def log_bucket_index(relative_BTS: Array, *, num_buckets: int, max_distance: int
   size = jnp.abs(relative_BTS)
   # Rounding up (as DeBERTa does) gives the first distance past mid a bucket of its own.
   far = mid + _log_offset(size, mid, max_distance, span - mid, round_up=True)
+  signed = jnp.where(size <= mid, relative_BTS, jnp.sign(relative_BTS) * far)
+  return jnp.clip(signed, -span, span - 1) + span
+
+
+@functools.cache
+def _deberta_v2_thresholds(span: int, max_distance: int) -> np.ndarray:
+  """The smallest distance of each of DeBERTa-v2's log buckets past mid (int64 `[span - mid]`).
+
+  Entry k - 1 is the least d with ceil(x(d)) >= k, x(d) = log(d/mid) / log(top/mid) · (mid-1)
+  and top = max_distance - 1; that is d^(mid-1) · mid^(k-1) > top^(k-1) · mid^(mid-1), decided
+  in exact integers. (Evaluated in float32, x(top) = mid - 1 came out an ulp above or below,
+  depending on how XLA compiled the logs: the same distance then fell in different buckets.)
+  Buckets that no distance reaches get int32's maximum.
+  """
+  mid, top = span // 2, max_distance - 1
+  never = np.iinfo(np.int32).max
+  thresholds = []
+  for k in range(1, span - mid + 1):
+    reaches = lambda d, k=k: d ** (mid - 1) * mid ** (k - 1) > top ** (k - 1) * mid ** (mid - 1)
+    if not reaches(never):
+      thresholds.append(never)
+      continue
+    low, high = mid, never  # reaches(high) and not reaches(low)
+    while high - low > 1:
+      middle = (low + high) // 2
+      low, high = (low, middle) if reaches(middle) else (middle, high)
+    thresholds.append(high)
+  return np.asarray(thresholds, np.int64)
+
+
+def deberta_v2_bucket_index(relative_BTS: Array, *, num_buckets: int,
+                            max_distance: int) -> Array:
+  """Row of a `[num_buckets, ...]` table for each signed distance, as DeBERTa-v2 computes it.
+
+  Microsoft's released code (`make_log_bucket_position`, which transformers repeats): with
+  span = num_buckets // 2 (its `position_buckets`) and mid = span // 2, distances up to mid
+  in size keep a bucket of their own; a larger one d gets
+
+      mid + ceil(log(d / mid) / log((max_distance - 1) / mid) · (mid - 1))
+
+  so d = max_distance - 1 lands in bucket 2·mid - 1; the signed bucket is clipped to
+  [-span, span) and shifted by span. The buckets' edges are computed exactly, once, when
+  tracing (`_deberta_v2_thresholds`), so every backend buckets a distance alike.
+  """
+  span = num_buckets // 2
+  mid = span // 2
+  thresholds_K = jnp.asarray(np.minimum(_deberta_v2_thresholds(span, max_distance),
+                                        np.iinfo(np.int32).max), jnp.int32)
+  size = jnp.abs(relative_BTS).astype(jnp.int32)
+  far = mid + jnp.searchsorted(thresholds_K, size, side='right').astype(jnp.int32)
   signed = jnp.where(size <= mid, relative_BTS, jnp.sign(relative_BTS) * far)
   return jnp.clip(signed, -span, span - 1) + span
 
@@ -228,14 +282,19 @@ class ShawAttention(nn.Module):
 class RelativeEmbedding(nn.Module):
   """DeBERTa's relative position embeddings `[R, D]`, shared by the layers of a stack.
 
+  DeBERTa-v2 normalises the table before every use (`norm_rel_ebd='layer_norm'`); the
+  stack computes it once per forward pass and hands it to every layer.
+
   Attributes:
     num_buckets: R.
     features: D.
+    norm_epsilon: the LayerNorm's epsilon, or None for the raw table.
     dtype: dtype of the returned table.
     param_dtype: its storage dtype.
   """
   num_buckets: int
   features: int
+  norm_epsilon: float | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -243,51 +302,98 @@ class RelativeEmbedding(nn.Module):
   def __call__(self) -> Array:
     table_RD = _table(self, 'embedding', (self.num_buckets, self.features), (None, 'embed'),
                       self.param_dtype)
+    if self.norm_epsilon is not None:
+      table_RD = layers.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name='norm')(table_RD)
     return table_RD.astype(self.dtype)
+
+
+DISENTANGLED_TERMS = ('c2p', 'p2c')
 
 
 class DisentangledBias(nn.Module):
   """DeBERTa's content->position and position->content terms (He et al. 2021), `[B, N, T, S]`.
 
-      c2p_ij = q_i · K^r[δ(i, j)],   p2c_ij = k_j · Q^r[δ(j, i)],   δ(i, j) = bucket(i - j)
-      K^r = P W_{k,r},               Q^r = P W_{q,r}
+      c2p_ij = q_i · K^r[δ_c2p(i, j)],   p2c_ij = k_j · Q^r[δ_p2c(i, j)]
+      K^r = P W_{k,r},                   Q^r = P W_{q,r}
 
-  P `[R, D]` is the relative embedding table shared by the layers (`context.shared`); each
-  layer projects it with its own W_{k,r}, W_{q,r} (D -> N, H). Returned unscaled.
+  P `[R, D]` is the relative embedding table shared by the layers (`context.shared`).
+  Two readings of the indices:
+    * the paper's equation (`v2=False`): δ_c2p = δ(i, j), δ_p2c = δ(j, i), with
+      δ(i, j) = `log_bucket_index(i - j)`;
+    * DeBERTa-v2 as released (`v2=True`; Microsoft's code and transformers): both terms
+      read δ(i, j) = `deberta_v2_bucket_index(i - j)`. (The code negates the p2c index,
+      gathers along the keys and transposes, which lands on δ(i, j), not δ(j, i).)
+  The projections are the layer's own (`share_att_key`, DeBERTa-v2: W_{k,r} = W_k and
+  W_{q,r} = W_q, biases included) or separate ones per layer, 'position_key' and
+  'position_query' (D -> N, H, no bias). Only the terms named in `terms` are computed;
+  the sum is returned unscaled.
 
   Attributes:
     num_buckets: R.
     max_distance: where the log buckets end.
+    terms: a subset of DISENTANGLED_TERMS.
+    v2: DeBERTa-v2's buckets and p2c index (above).
+    share_att_key: project P with the hosting attention layer's 'query' and 'key'.
     dtype: compute dtype of the projections.
     param_dtype: storage dtype of the projections.
   """
   num_buckets: int
   max_distance: int
+  terms: tuple[str, ...] = DISENTANGLED_TERMS
+  v2: bool = False
+  share_att_key: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, q_BTNH: Array, k_BSNH: Array, context: PositionContext) -> Array:
     heads, head_dim = q_BTNH.shape[-2:]
+    table_RD = context.shared
 
     def project(name):
+      if self.share_att_key:
+        return self._layer_projection(name, table_RD)
       return nn.DenseGeneral(
           features=(heads, head_dim), axis=-1, use_bias=False, dtype=self.dtype,
           param_dtype=self.param_dtype,
           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                    ('embed', 'heads', 'kv')),
-          name=name)(context.shared)
+          name=f'position_{name}')(table_RD)
 
-    key_RNH, query_RNH = project('position_key'), project('position_query')
     relative_BTS = -relative_distance(context)  # i - j, DeBERTa's sign.
-    c2p_BNTR = jnp.einsum('btnh,rnh->bntr', q_BTNH, key_RNH,
-                          preferred_element_type=jnp.float32)
-    c2p_BNTS = gather_relative(c2p_BNTR, log_bucket_index(
-        relative_BTS, num_buckets=self.num_buckets, max_distance=self.max_distance))
-    # p2c_ij = (k_j · Q^r[r])[r = δ(j, i)]: gather the bucket axis per (query, key).
-    p2c_BNRS = jnp.einsum('bsnh,rnh->bnrs', k_BSNH, query_RNH,
-                          preferred_element_type=jnp.float32)
-    p2c_index_BTS = log_bucket_index(-relative_BTS, num_buckets=self.num_buckets,
-                                     max_distance=self.max_distance)
-    p2c_BNTS = jnp.take_along_axis(p2c_BNRS, p2c_index_BTS[:, None], axis=2)
-    return c2p_BNTS + p2c_BNTS
+    if self.v2:
+      c2p_index_BTS = p2c_index_BTS = deberta_v2_bucket_index(
+          relative_BTS, num_buckets=self.num_buckets, max_distance=self.max_distance)
+    else:
+      c2p_index_BTS, p2c_index_BTS = (
+          log_bucket_index(r_BTS, num_buckets=self.num_buckets, max_distance=self.max_distance)
+          for r_BTS in (relative_BTS, -relative_BTS))
+    terms_BNTS = jnp.zeros((), jnp.float32)
+    if 'c2p' in self.terms:
+      c2p_BNTR = jnp.einsum('btnh,rnh->bntr', q_BTNH, project('key'),
+                            preferred_element_type=jnp.float32)
+      terms_BNTS = terms_BNTS + gather_relative(c2p_BNTR, c2p_index_BTS)
+    if 'p2c' in self.terms:
+      # p2c_ij = (k_j · Q^r[r])[r = δ_p2c(i, j)]: gather the bucket axis per (query, key).
+      p2c_BNRS = jnp.einsum('bsnh,rnh->bnrs', k_BSNH, project('query'),
+                            preferred_element_type=jnp.float32)
+      terms_BNTS = terms_BNTS + jnp.take_along_axis(p2c_BNRS, p2c_index_BTS[:, None], axis=2)
+    return terms_BNTS
+
+  def _layer_projection(self, name: str, table_RD: Array) -> Array:
+    """The hosting attention layer's projection `name` ('query' or 'key') of the table.
+
+    This module is built inside MultiHeadAttention after its q/k/v projections, so their
+    parameters are there to read: sharing them this way keeps a single copy.
+    """
+    params = self.parent.variables.get('params', {}) if self.parent is not None else {}
+    if name not in params:
+      raise ValueError(f'share_att_key needs the {name!r} projection of the attention layer '
+                       'that hosts the disentangled terms; none was found')
+    kernel_DNH = nn.unbox(params[name]['kernel'])
+    y_RNH = jnp.einsum('rd,dnh->rnh', table_RD.astype(self.dtype),
+                       kernel_DNH.astype(self.dtype))
+    if 'bias' in params[name]:
+      y_RNH = y_RNH + nn.unbox(params[name]['bias']).astype(self.dtype)
+    return y_RNH
