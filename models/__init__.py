@@ -2,6 +2,7 @@
 
 from models import block_sparse  # pylint: disable=unused-import  (registers its kernel)
 from models import bert
+from models import deberta
 from models import electra
 from models import gpt
 
@@ -9,6 +10,7 @@ MODELS = {
     'gpt': (gpt.GPTConfig, gpt.GPT),
     'bert': (bert.BertConfig, bert.BERT),  # RoBERTa too: a preset of the config
     'bert_classifier': (bert.BertClassifierConfig, bert.BertClassifier),
+    'deberta': (deberta.DebertaConfig, deberta.DeBERTa),
     'electra': (electra.ElectraConfig, electra.Electra),
 }
 
