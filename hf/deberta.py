@@ -266,7 +266,8 @@ def params_from_hf(state: Mapping[str, np.ndarray], cfg: deberta.DebertaConfig, 
     original[canonical] = name
   hf = {canonical: state[name] for canonical, name in original.items()}
 
-  legacy = any(name.startswith('cls.') for name in hf)
+  # transformers' legacy head names, unless only its tied decoder copies carry them.
+  legacy = any(name.startswith('cls.') and name not in _TIED for name in hf)
   groups = tables(cfg, legacy=legacy)
   known = {hf_name for table in groups.values() for _, hf_name, _ in table}
   skipped = [original[n] for n in hf if n.startswith(_SKIPPED_PREFIXES)
