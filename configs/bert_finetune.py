@@ -8,9 +8,9 @@
 discriminator is fine-tuned, its generator dropped — or a Hugging Face checkpoint imported
 with `python -m hf.convert import`): the model's and the tokenizer's settings are read from
 its config.json, so they cannot disagree, and the encoder starts from its latest checkpoint
-(training/loop.py `init_from`); the classifier head starts fresh. Without `init_from` the
-encoder is configs/bert.py's at `size`, from scratch (a baseline for what pretraining
-brings).
+(or the one at `init_step`; training/loop.py `init_from`); the classifier head starts
+fresh. Without `init_from` the encoder is configs/bert.py's at `size`, from scratch (a
+baseline for what pretraining brings).
 
 The recipe is Devlin et al. 2019 §4 as run: AdamW, weight decay 0.01, warmup over the first
 10% of the steps then linear decay to 0, dropout 0.1, a few epochs. A task with a real-valued
@@ -33,8 +33,8 @@ _TOKENIZER_FIELDS = ('name', 'text_key', 'files', 'tokenizer', 'tokenizer_path',
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, task='paraphrase', init_from='', size='tiny', pooling='cls',
-                         epochs=3.0, batch_size=32, learning_rate=1e-4)
+  arg = common.parse_arg(arg, task='paraphrase', init_from='', init_step=0, size='tiny',
+                         pooling='cls', epochs=3.0, batch_size=32, learning_rate=1e-4, seed=0)
   task = tasks.get_task(arg.task)
   if not hasattr(task, 'num_classes'):
     raise ValueError(f'task={arg.task!r} is a pretraining task; fine-tune on one of '
@@ -63,6 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  eval_every=max(1, num_steps // 4), checkpoint_every=max(1, num_steps // 4),
                  eval_batches=0)
   c.train.init_from = arg.init_from
+  c.train.init_step = arg.init_step  # 0: the latest checkpoint of init_from
+  c.seed = arg.seed
   c.lock()
   return c
 

@@ -116,7 +116,25 @@ def _source(task, cfg: pipeline.DataConfig, tokenizer, split: str):
   source = task.source(cfg, tokenizer, split)
   if not len(source):
     raise ValueError(f'task {task.name!r}: split {split!r} holds no examples')
+  if split == 'train' and cfg.train_examples:
+    if cfg.train_examples < 0:
+      raise ValueError(f'config.data.train_examples={cfg.train_examples} must be >= 0')
+    return _Prefix(source, cfg.train_examples)
   return source
+
+
+class _Prefix:
+  """The first n examples of a source (config.data.train_examples): epochs then cycle
+  through these alone."""
+
+  def __init__(self, source, n: int):
+    self._source, self._n = source, min(n, len(source))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def example(self, index: int, epoch: int, seed: int):
+    return self._source.example(index, epoch, seed)
 
 
 def task_train_iterator(task, cfg: pipeline.DataConfig, tokenizer, *, shard_index: int = 0,

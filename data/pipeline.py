@@ -70,6 +70,9 @@ class DataConfig:
   # masks per example in the pipeline, used in turn by the epochs (static, BERT's
   # dupe_factor).
   dupe_factor: int = 0
+  # Tasks: train on the first k examples of the training split only (0: all), e.g. to
+  # repeat a small corpus for many epochs, as a static-masking study needs.
+  train_examples: int = 0
 
 
 def data_dir(cfg: DataConfig) -> pathlib.Path:

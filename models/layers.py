@@ -128,6 +128,11 @@ _GATED = {'geglu': 'gelu', 'geglu_tanh': 'gelu_tanh', 'reglu': 'relu', 'swiglu':
 ACTIVATIONS = (*_ACTIVATION_FNS, *_GATED)
 
 
+def is_gated(name: str) -> bool:
+  """Whether the MLP of activation `name` is gated (two input projections, GLU-style)."""
+  return name in _GATED
+
+
 def activation(name: str) -> Callable[[Array], Array]:
   """The elementwise function of an activation name (a gated name gives its inner one)."""
   if name not in ACTIVATIONS:

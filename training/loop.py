@@ -190,8 +190,9 @@ def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
   return list(batches)
 
 
-def init_from(workdir: str, params, param_shardings):
-  """`params` with the latest checkpoint of the run in `workdir` grafted in.
+def init_from(workdir: str, params, param_shardings, step: int | None = None):
+  """`params` with the checkpoint at `step` (default: the latest) of the run in `workdir`
+  grafted in.
 
   The source's parameter tree goes where it fits: at the root (continuing a run of the same
   model) or under the one top-level scope it matches (a pretrained BERT under a
@@ -203,8 +204,16 @@ def init_from(workdir: str, params, param_shardings):
   source = build(source_config, mesh_shape=[-1] + [1] * (len(source_config.mesh.axes) - 1))
   abstract, shardings = source.abstract_state()
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), async_save=False)
-  state, step = checkpoint.restore_latest(mngr, abstract, shardings, move_damaged=False)
-  mngr.close()
+  try:
+    if step:
+      if step not in mngr.all_steps():
+        raise FileNotFoundError(f'config.train.init_step={step}: {workdir} has checkpoints '
+                                f'at steps {sorted(mngr.all_steps())} only')
+      state = checkpoint.restore(mngr, step, abstract, shardings)
+    else:
+      state, step = checkpoint.restore_latest(mngr, abstract, shardings, move_damaged=False)
+  finally:
+    mngr.close()
   if state is None:
     raise FileNotFoundError(f'config.train.init_from={workdir!r}: no readable checkpoint')
   # What the source hands on to an encoder (ELECTRA: its discriminator alone).
@@ -292,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, _ = step_lib.create_state(rng, exp.model, exp.tx, exp.sample_inputs, exp.mesh, exp.rules)
     if train_cfg.get('init_from'):
       state = state.replace(params=init_from(train_cfg.init_from, state.params,
-                                             state_shardings.params))
+                                             state_shardings.params,
+                                             train_cfg.get('init_step') or None))
     start = 0
   else:
     print(f'Resumed from {mngr.directory} at step {start}.', flush=True)
