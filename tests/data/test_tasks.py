@@ -249,6 +249,19 @@ def test_epochs_are_reshuffled_permutations():
   assert len(set(epochs[0])) == n
 
 
+def test_train_examples_keeps_the_first_k_and_cycles_through_them():
+  cfg = DataConfig(seq_len=12, batch_size=1, seed=0)
+  task = ToyTask(layout='full_sentences')
+  source = task.source(cfg, TOY, 'train')
+  first = {source.example(i, 0, 0)['inputs'].tobytes() for i in range(3)}
+  limited = dataclasses.replace(cfg, train_examples=3)
+  it = encoder_data.task_train_iterator(task, limited, TOY)
+  epochs = [[next(it)['inputs'][0].tobytes() for _ in range(3)] for _ in range(2)]
+  assert set(epochs[0]) == set(epochs[1]) == first
+  with pytest.raises(ValueError, match='train_examples=-1'):
+    encoder_data.task_train_iterator(task, dataclasses.replace(cfg, train_examples=-1), TOY)
+
+
 def test_two_hosts_rows_make_the_global_batch():
   cfg = DataConfig(seq_len=16, batch_size=4, seed=2)
   whole = _take(encoder_data.task_train_iterator(ToyTask(), cfg, TOY), 3)

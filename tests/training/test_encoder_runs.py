@@ -122,6 +122,19 @@ def test_finetuning_starts_from_the_pretrained_encoder_with_a_fresh_head(bert_ru
   jax.tree.map(np.testing.assert_array_equal, params['classifier'], fresh.params['classifier'])
 
 
+def test_finetuning_can_start_from_an_earlier_checkpoint(bert_run):
+  workdir, _ = bert_run  # checkpoints at steps 8 and 16
+  exp = loop.build(_finetune_config(workdir))
+  fresh, shardings = step_lib.create_state(jax.random.key(0), exp.model, exp.tx,
+                                           exp.sample_inputs, exp.mesh, exp.rules)
+  params = loop.init_from(workdir, fresh.params, shardings.params, step=8)
+  evaluator = importlib.import_module('eval').Evaluator(workdir)
+  at_8 = jax.device_get(evaluator.restore(8).params)
+  jax.tree.map(np.testing.assert_array_equal, params['bert'], at_8)
+  with pytest.raises(FileNotFoundError, match=r'init_step=5: .* steps \[8, 16\] only'):
+    loop.init_from(workdir, fresh.params, shardings.params, step=5)
+
+
 def test_finetuning_reports_task_metrics_and_eval_prints_the_baseline(bert_run, tmp_path):
   workdir, _ = bert_run
   run = str(tmp_path / 'paraphrase')
