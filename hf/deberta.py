@@ -15,6 +15,13 @@ Microsoft's 'lm_predictions.lm_head.*'. Both import; export writes Microsoft's n
 legacy=False. Like transformers, an import skips the absolute position table that v2/v3
 checkpoints carry unused (`position_biased_input=False`; our EMD takes it if it is on) and
 v3's replaced-token-detection head ('mask_predictions.*').
+
+A model pretrained with our enhanced mask decoder (`emd_layers`) exports as Microsoft's
+checkpoints are published: the EMD's position table where they keep it
+('deberta.embeddings.position_embeddings.weight', which transformers skips) and
+`emd_layers` in config.json (which transformers keeps and ignores). transformers then
+computes the MLM logits without the EMD, as it does for Microsoft's checkpoints; hidden
+states agree, and an import gets the EMD back.
 """
 
 import dataclasses
@@ -39,7 +46,7 @@ _TERMS = ('c2p', 'p2c')
 # What transformers' DeBERTa-v2 is, whatever a config of ours may set.
 _HF_MODEL = dict(norm_position='post', norm='layer', use_bias=True, attention='scaled_dot',
                  position='deberta', mask='bidirectional', deberta_v2=True, share_att_key=True,
-                 emd_layers=0, scale_residual_init=False)
+                 scale_residual_init=False)
 
 
 # ------------------------------------------------------------------------------- config
@@ -106,7 +113,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
       activation=_ACTIVATIONS[act], norm_epsilon=float(hf.get('layer_norm_eps', 1e-7)),
       init_stddev=float(hf.get('initializer_range', 0.02)), dropout_rate=float(dropout),
       pos_att_type=_terms(hf), norm_rel_ebd='layer_norm' if 'layer_norm' in norms else 'none',
-      relative_buckets=2 * buckets, relative_max_distance=max_relative, **_HF_MODEL)
+      relative_buckets=2 * buckets, relative_max_distance=max_relative,
+      # Ours alone (transformers ignores it): see the module docstring.
+      emd_layers=hf.get('emd_layers', 0), **_HF_MODEL)
 
 
 def _check_exportable(cfg: deberta.DebertaConfig) -> None:
@@ -114,9 +123,8 @@ def _check_exportable(cfg: deberta.DebertaConfig) -> None:
     if field == 'scale_residual_init':  # an initialisation, not the architecture
       continue
     if getattr(cfg, field) != value:
-      why = ('transformers has no enhanced mask decoder' if field == 'emd_layers'
-             else f'HF DeBERTa-v2 needs {value!r}')
-      raise ValueError(f'DebertaConfig.{field}={getattr(cfg, field)!r}: {why}')
+      raise ValueError(f'DebertaConfig.{field}={getattr(cfg, field)!r}: HF DeBERTa-v2 '
+                       f'needs {value!r}')
   if cfg.activation not in _HF_ACTIVATIONS:
     raise ValueError(f'DebertaConfig.activation={cfg.activation!r}: HF has none of it '
                      f'(one of {sorted(_HF_ACTIVATIONS)})')
@@ -125,6 +133,11 @@ def _check_exportable(cfg: deberta.DebertaConfig) -> None:
 def config_to_hf(cfg: deberta.DebertaConfig) -> dict[str, Any]:
   """The config.json of `cfg` for transformers (DebertaV2ForMaskedLM, legacy=False)."""
   _check_exportable(cfg)
+  extra = {}
+  if cfg.emd_layers:
+    logging.warning('HF export: transformers has no enhanced mask decoder; its MLM logits '
+                    'will be those of emd_layers=0 (as for Microsoft\'s checkpoints)')
+    extra['emd_layers'] = cfg.emd_layers
   return dict(
       architectures=['DebertaV2ForMaskedLM'], model_type=MODEL_TYPE,
       hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
@@ -137,7 +150,7 @@ def config_to_hf(cfg: deberta.DebertaConfig) -> dict[str, Any]:
       max_relative_positions=cfg.relative_max_distance,
       pos_att_type=cfg.pos_att_type.split('|'), share_att_key=True,
       norm_rel_ebd=cfg.norm_rel_ebd, position_biased_input=cfg.position_biased_input,
-      legacy=False, tie_word_embeddings=True, pad_token_id=0, dtype=cfg.param_dtype)
+      legacy=False, tie_word_embeddings=True, pad_token_id=0, dtype=cfg.param_dtype, **extra)
 
 
 # ------------------------------------------------------------------------------ names

@@ -308,8 +308,30 @@ def test_emd_import_takes_a_checkpoints_position_table(hf_dir):
   params, fresh = hf_deberta.params_from_hf(state, emd_cfg)
   assert fresh == ()
   np.testing.assert_array_equal(params['position_embed']['embedding'], table)
-  with pytest.raises(ValueError, match='emd_layers=2: transformers has no enhanced mask'):
-    hf_deberta.params_to_hf(params, emd_cfg)
+
+
+def test_emd_model_exports_as_microsofts_checkpoints_are_published(tmp_path):
+  """The EMD's table goes where v2/v3 checkpoints keep it and emd_layers into config.json:
+  transformers loads the rest and computes our hidden states, and the logits of our model
+  without the EMD (its own way with Microsoft's checkpoints); an import gets it all back."""
+  cfg = deberta.DebertaConfig(num_layers=2, num_heads=4, embed_dim=32, mlp_dim=48,
+                              vocab_size=VOCAB, max_len=MAX_POS, relative_buckets=8,
+                              relative_max_distance=10, emd_layers=2)
+  params = _our_random_params(cfg, 4)
+  _write(tmp_path, cfg, params)
+  assert json.loads((tmp_path / 'config.json').read_text())['emd_layers'] == 2
+  model, info = transformers.DebertaV2ForMaskedLM.from_pretrained(
+      tmp_path, attn_implementation='eager', output_loading_info=True)
+  assert not info['missing_keys'] and not info['mismatched_keys'], info
+  tokens, types, mask = _batch(seed=4)
+  types = np.zeros_like(types)
+  plain_cfg = dataclasses.replace(cfg, emd_layers=0)
+  plain = {k: v for k, v in params.items() if k != 'position_embed'}
+  _compare(_ours(plain_cfg, plain, tokens, types, mask),
+           _hf_forward(model.eval(), tokens, types, mask), mask)
+  again_cfg, again, fresh = _import(tmp_path)
+  assert again_cfg == cfg and fresh == ()
+  assert jax.tree.map(lambda x: x.tobytes(), again) == jax.tree.map(lambda x: x.tobytes(), params)
 
 
 # ------------------------------------------------------------------------------ refusals
@@ -341,7 +363,7 @@ def test_config_round_trips_through_hf():
 
 
 @pytest.mark.parametrize('field, value', [
-    ('emd_layers', 2), ('deberta_v2', False), ('share_att_key', False), ('position', 'rope'),
+    ('deberta_v2', False), ('share_att_key', False), ('position', 'rope'),
     ('activation', 'geglu')])
 def test_export_refuses_what_transformers_cannot_run(field, value):
   cfg = deberta.DebertaConfig(num_layers=1, num_heads=2, embed_dim=8, mlp_dim=16,
