@@ -78,7 +78,7 @@ class DebertaConfig(transformer.TransformerConfig):
                  '=False: DeBERTa adds absolute positions once, at the input or in the EMD')
     if self.emd_layers and self.norm_position != 'post':
       self._fail(f'emd_layers={self.emd_layers} needs {self._name("norm_position")}=\'post\' '
-                 "(DeBERTa's block: the EMD's keys are the last layer's normalised input)")
+                 "(DeBERTa's block, whose outputs the EMD's queries and keys are)")
     super().__post_init__()
     if type(self.position_scheme).embed is not positions_lib.NoPositions.embed:
       self._fail(f'position={self.position!r} adds positions at the input; DeBERTa takes '
