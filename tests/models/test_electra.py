@@ -1,6 +1,8 @@
 """ELECTRA: two BERT encoders over one shared embedding module, and the discriminator as a
 plain BERT for fine-tuning."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 
 from models import bert
 from models import electra
+from tests.tolerances import assert_close
 
 TINY = dict(vocab_size=50, max_len=16, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64)
 
@@ -99,3 +102,16 @@ def test_bert_with_a_narrower_embedding_projects_and_ties_its_mlm_head():
   base = model.apply({'params': params}, tokens[:, :1] * 0 + 7)['mlm_logits']
   changed = np.flatnonzero(np.abs(np.asarray(logits - base)).max(axis=(0, 1)) > 0)
   np.testing.assert_array_equal(changed, [3])
+
+
+def test_scanned_layers_give_the_unrolled_outputs(tiny):
+  """scan_layers (and remat) keep one parameter tree per encoder, stacked over layers."""
+  from hf import bert as hf_bert  # the restacking the importer uses
+  cfg, model, params, tokens = tiny
+  scanned = electra.Electra(dataclasses.replace(cfg, scan_layers=True, remat='full'))
+  stacked = {**params, **{name: hf_bert.stack_layers(params[name], cfg.num_layers)
+                          for name in ('generator', 'discriminator')}}
+  expected = model.apply({'params': params}, tokens)
+  actual = scanned.apply({'params': stacked}, tokens)
+  for name in ('rtd_logits', 'mlm_logits', 'hidden'):
+    assert_close(actual[name], expected[name])
