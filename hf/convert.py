@@ -33,6 +33,7 @@ from data import subword
 from hf import electra as hf_electra
 from hf import io as hf_io
 from models import bert
+from models import deberta
 from models import electra
 from training import checkpoint
 from training import loop
@@ -40,7 +41,7 @@ from training import step as step_lib
 
 # The config module each HF model_type starts from.
 FAMILY_CONFIGS = {'bert': 'configs.bert', 'roberta': 'configs.roberta',
-                  'electra': 'configs.electra'}
+                  'electra': 'configs.electra', 'deberta': 'configs.deberta'}
 COMMANDS = ('import', 'export')
 
 FLAGS = flags.FLAGS
@@ -127,9 +128,9 @@ def export_from_workdir(workdir: str | os.PathLike, out: str | os.PathLike,
                         step: int | None = None) -> list[pathlib.Path]:
   """Writes the HF directory `out` from a workdir's checkpoint (default the latest)."""
   config = read_workdir_config(workdir)
-  if config.model_name not in ('bert', 'electra'):
+  if config.model_name not in ('bert', 'electra', 'deberta'):
     raise ValueError(f"{workdir}: model_name={config.model_name!r}; only 'bert' (BERT and "
-                     "RoBERTa) and 'electra' export to Hugging Face so far")
+                     "RoBERTa), 'electra' and 'deberta' export to Hugging Face so far")
   data_only = [-1] + [1] * (len(config.mesh.axes) - 1)
   exp = loop.build(config, mesh_shape=data_only)
   abstract, shardings = exp.abstract_state()
@@ -147,6 +148,8 @@ def export_from_workdir(workdir: str | os.PathLike, out: str | os.PathLike,
   params = jax.device_get(state.params)
   if config.model_name == 'electra':
     return hf_electra.save_hf_dirs(out, electra.ElectraConfig(**config.model), params, tokenizer)
+  if config.model_name == 'deberta':
+    return hf_io.save_hf_dir(out, deberta.DebertaConfig(**config.model), params, tokenizer)
   return hf_io.save_hf_dir(out, bert.BertConfig(**config.model), params, tokenizer)
 
 

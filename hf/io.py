@@ -15,8 +15,10 @@ import safetensors.numpy
 
 from data import subword
 from hf import bert as hf_bert
+from hf import deberta as hf_deberta
 from hf import electra as hf_electra
 from models import bert
+from models import deberta
 from models import electra
 
 CONFIG = 'config.json'
@@ -61,7 +63,7 @@ def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def load_hf_dir(directory: str | os.PathLike, *, generator_dir: str | os.PathLike | None = None,
                 scan_layers: bool = False, seed: int = 0) -> Imported:
-  """Imports an HF BERT/RoBERTa/ELECTRA directory (config.json + model.safetensors).
+  """Imports an HF BERT/RoBERTa/ELECTRA/DeBERTa-v2 directory (config.json + model.safetensors).
 
   ELECTRA: `directory` is the discriminator's (ElectraForPreTraining), `generator_dir` the
   generator's (ElectraForMaskedLM; without it the generator starts fresh). `scan_layers`
@@ -83,6 +85,11 @@ def load_hf_dir(directory: str | os.PathLike, *, generator_dir: str | os.PathLik
   if generator_dir is not None:
     raise ValueError(f'--generator_dir is for ELECTRA; {directory} holds a '
                      f'{hf_config.get("model_type")!r} model')
+  if hf_config.get('model_type') == hf_deberta.MODEL_TYPE:
+    fields = {**hf_deberta.config_from_hf(hf_config), 'scan_layers': scan_layers}
+    params, fresh = hf_deberta.params_from_hf(read_safetensors(directory),
+                                              deberta.DebertaConfig(**fields), seed=seed)
+    return Imported('deberta', fields, params, tokenizer_files, fresh)
   fields = {**hf_bert.config_from_hf(hf_config), 'scan_layers': scan_layers}
   params, fresh = hf_bert.params_from_hf(read_safetensors(directory),
                                          bert.BertConfig(**fields), seed=seed)
@@ -90,15 +97,18 @@ def load_hf_dir(directory: str | os.PathLike, *, generator_dir: str | os.PathLik
                   tokenizer_files, fresh)
 
 
-def save_hf_dir(directory: str | os.PathLike, config: bert.BertConfig | Mapping[str, Any],
+def save_hf_dir(directory: str | os.PathLike, config: bert.BertConfig | deberta.DebertaConfig,
                 params: Mapping[str, Any],
                 tokenizer: subword.SubwordTokenizer | None = None) -> list[pathlib.Path]:
-  """Writes config.json + model.safetensors (+ the tokenizer's files); returns the paths."""
-  cfg = config if isinstance(config, bert.BertConfig) else bert.BertConfig(**config)
+  """Writes config.json + model.safetensors (+ the tokenizer's files); returns the paths.
+
+  BERT/RoBERTa or DeBERTa-v2, by the config's class (ELECTRA writes two directories:
+  hf/electra.py `save_hf_dirs`)."""
+  family = hf_deberta if isinstance(config, deberta.DebertaConfig) else hf_bert
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  hf_config = hf_bert.config_to_hf(cfg)
-  state = hf_bert.params_to_hf(params, cfg)
+  hf_config = family.config_to_hf(config)
+  state = family.params_to_hf(params, config)
   weights = directory / WEIGHTS
   # transformers checks the 'format' metadata; 'pt' says the names are PyTorch's.
   safetensors.numpy.save_file(state, os.fspath(weights), metadata={'format': 'pt'})

@@ -78,3 +78,31 @@ def test_import_refuses_a_used_workdir_and_a_directory_without_tokenizer(hf_dir,
   (tmp_path / 'w2' / 'checkpoints' / '0').mkdir(parents=True)
   with pytest.raises(FileExistsError, match='already holds checkpoints'):
     convert.import_to_workdir(hf_dir, tmp_path / 'w2')
+
+
+@pytest.mark.slow  # ~40 s: the trainer's pipeline twice
+def test_deberta_round_trip_through_a_workdir(tmp_path):
+  """DebertaV2ForMaskedLM -> `import` -> a workdir eval.py restores -> `export`: the same
+  arrays (under Microsoft's MLM head names) and the same logits in transformers."""
+  torch.manual_seed(0)
+  config = transformers.DebertaV2Config(
+      vocab_size=len(PIECES), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=48, max_position_embeddings=40, type_vocab_size=0,
+      position_biased_input=False, relative_attention=True, share_att_key=True,
+      pos_att_type=['c2p', 'p2c'], norm_rel_ebd='layer_norm', position_buckets=8,
+      max_relative_positions=16, attn_implementation='eager')
+  model = transformers.DebertaV2ForMaskedLM(config).eval()
+  hf_dir = tmp_path / 'hf'
+  model.save_pretrained(hf_dir)
+  (hf_dir / 'vocab.txt').write_text('\n'.join(PIECES) + '\n')
+  result = convert.import_to_workdir(hf_dir, tmp_path / 'work')
+  assert result['config'].model_name == 'deberta' and result['fresh'] == ()
+  out = tmp_path / 'out'
+  convert.export_from_workdir(tmp_path / 'work', out)
+  tokens = torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 3, 0]])
+  mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+  with torch.no_grad():
+    before = model(input_ids=tokens, attention_mask=mask).logits.numpy()
+    after = transformers.DebertaV2ForMaskedLM.from_pretrained(out).eval()(
+        input_ids=tokens, attention_mask=mask).logits.numpy()
+  tolerances.assert_close(after[mask.numpy() == 1], before[mask.numpy() == 1])
