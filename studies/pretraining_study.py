@@ -40,7 +40,7 @@ CONFIG = 'configs/pretraining_studies.py'
 RESULT = 'result.json'
 # Pretraining metrics shown beside the fine-tuned scores (those a run reports).
 PRETRAIN_METRICS = ('mlm_accuracy', 'nsp_accuracy', 'rtd_accuracy')
-FINETUNE_METRIC = 'accuracy'
+FINETUNE_METRIC = 'mcc'  # Matthews correlation: 0 at chance for any class balance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,10 @@ class Settings:
   @property
   def sweep_arg(self) -> str:
     return f'study={self.study},seeds={self.seeds},num_steps={self.num_steps}'
+
+  def finetune_recipe(self) -> dict:
+    return {'epochs': self.epochs, 'batch_size': self.batch_size,
+            'learning_rate': self.learning_rate}
 
   def curve_steps(self) -> tuple[int, ...]:
     """The pretraining steps fine-tuned from: the last, or a curve's fractions of it."""
@@ -92,8 +96,13 @@ def run_finetune(settings: Settings, pretrained_dir: str, task: str, step: int,
   split; returns the run's result.json."""
   run_dir = os.path.join(pretrained_dir, 'finetune', f'{task}-step{step}')
   path = os.path.join(run_dir, RESULT)
+  recipe = settings.finetune_recipe()
   if os.path.exists(path):
-    return checkpoint.read_json(path)
+    result = checkpoint.read_json(path)
+    if result.get('recipe') != recipe:
+      raise ValueError(f'{run_dir} was fine-tuned with {result.get("recipe")}, not {recipe}: '
+                       'delete it (or use another --workdir) to fine-tune with the new recipe')
+    return result
   config = finetune_config(settings, pretrained_dir, task, step, seed)
   start = time.perf_counter()
   validation = loop.train_and_evaluate(config, run_dir)
@@ -105,7 +114,7 @@ def run_finetune(settings: Settings, pretrained_dir: str, task: str, step: int,
   test = evaluator.evaluate(final, splits=('test',))['test']
   evaluator.mngr.close()
   result = {'task': task, 'pretrained_step': step, 'seed': seed, 'steps': final,
-            'train_seconds': seconds, 'validation': validation, 'test': test}
+            'recipe': recipe, 'train_seconds': seconds, 'validation': validation, 'test': test}
   checkpoint.write_json(path, result)
   return checkpoint.read_json(path)
 
@@ -220,8 +229,7 @@ def plot(settings: Settings, rows: list[Row], out: str) -> None:
       ax.set_xlabel('pretraining GFLOPs')
     else:
       ax.set_xticks(range(len(variants)), variants, rotation=20, fontsize=8)
-    majority = tasks_lib.baseline(task, 'test')['accuracy']
-    ax.axhline(majority, color='grey', linestyle=':', label='majority class')
+    ax.axhline(0.0, color='grey', linestyle=':', label='chance (a constant prediction)')
     ax.set_title(f'{task}: test {FINETUNE_METRIC} (mean ± std over seeds)', fontsize=9)
     ax.legend(fontsize=7)
   fig.tight_layout()
@@ -272,8 +280,10 @@ def write_report(settings: Settings, workdir: str, out: str) -> None:
            f'{FINETUNE_METRIC} on the test split (examples from books no training split holds).',
            '', 'FLOPs: ' + ' '.join(flops_lib.__doc__.split('\n\n')[1].split()), '',
            *summary_table(settings, rows), '', f'![{settings.study}]({os.path.basename(image)})',
-           '', 'Majority-class test accuracy: ' + ', '.join(
-               f'{t} {tasks_lib.baseline(t, "test")["accuracy"]:.3f}' for t in settings.tasks),
+           '', 'A constant prediction (the majority class) scores MCC 0; the test accuracy '
+           'of that baseline: ' + ', '.join(
+               f'{t} {tasks_lib.baseline(t, "test")["accuracy"]:.3f}' for t in settings.tasks)
+           + '.',
            '', '## What the numbers say', '', *reading(settings, rows), '']
   with open(out, 'w') as f:
     f.write('\n'.join(lines) + '\n')
@@ -290,11 +300,14 @@ def main(argv=None) -> None:
   parser.add_argument('--num_steps', type=int, default=studies_config.SIZE['num_steps'])
   parser.add_argument('--tasks', default=','.join(studies_config.FINETUNE['tasks']))
   parser.add_argument('--epochs', type=float, default=studies_config.FINETUNE['epochs'])
+  parser.add_argument('--learning_rate', type=float,
+                      default=studies_config.FINETUNE['learning_rate'])
   parser.add_argument('--report_only', action='store_true')
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
   settings = Settings(args.study, seeds=args.seeds, num_steps=args.num_steps,
-                      tasks=tuple(filter(None, args.tasks.split(','))), epochs=args.epochs)
+                      tasks=tuple(filter(None, args.tasks.split(','))), epochs=args.epochs,
+                      learning_rate=args.learning_rate)
   if not args.report_only:
     run(settings, args.workdir)
   write_report(settings, args.workdir, args.out or f'docs/study_{args.study}.md')

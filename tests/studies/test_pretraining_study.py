@@ -77,7 +77,7 @@ def _fake_study(workdir, scores):
       run = os.path.join(workdir, name, 'finetune', f'paraphrase-step{step}')
       os.makedirs(run)
       with open(os.path.join(run, 'result.json'), 'w') as f:
-        json.dump({'test': {'accuracy': score * step / 400}}, f)
+        json.dump({'test': {'mcc': score * step / 400}}, f)
 
 
 def test_report_tables_plots_and_reads_the_numbers(tmp_path):
@@ -103,3 +103,17 @@ def test_report_tables_plots_and_reads_the_numbers(tmp_path):
   page = open(out).read()
   assert '![electra_compute](page.png)' in page and os.path.getsize(tmp_path / 'page.png') > 0
   assert 'Clark et al. 2020' in page and electra_last in page
+
+
+def test_a_finished_finetune_of_another_recipe_is_refused(tmp_path):
+  settings = pretraining_study.Settings('masking')
+  run = tmp_path / 'static-s0' / 'finetune' / 'genre-step400'
+  run.mkdir(parents=True)
+  old = {**settings.finetune_recipe(), 'epochs': 0.3}
+  (run / 'result.json').write_text(json.dumps({'recipe': old, 'test': {'mcc': 0.1}}))
+  with pytest.raises(ValueError, match="fine-tuned with .*'epochs': 0.3"):
+    pretraining_study.run_finetune(settings, str(tmp_path / 'static-s0'), 'genre', 400, 0)
+  (run / 'result.json').write_text(json.dumps({'recipe': settings.finetune_recipe(),
+                                               'test': {'mcc': 0.1}}))
+  assert pretraining_study.run_finetune(settings, str(tmp_path / 'static-s0'), 'genre', 400,
+                                        0)['test'] == {'mcc': 0.1}
