@@ -223,15 +223,15 @@ def plot(settings: Settings, rows: list[Row], out: str) -> None:
       if len(settings.curve_steps()) > 1:
         ax.errorbar([k[0] / 1e9 for k in keys], means, yerr=stds, marker='o', capsize=3,
                     label=variant)
-      elif keys:
-        ax.bar(i, means[0], yerr=stds[0], capsize=4, label=variant)
+      elif keys:  # named by the x ticks
+        ax.bar(i, means[0], yerr=stds[0], capsize=4, color=f'C{i}')
     if len(settings.curve_steps()) > 1:
       ax.set_xlabel('pretraining GFLOPs')
     else:
       ax.set_xticks(range(len(variants)), variants, rotation=20, fontsize=8)
     ax.axhline(0.0, color='grey', linestyle=':', label='chance (a constant prediction)')
     ax.set_title(f'{task}: test {FINETUNE_METRIC} (mean ± std over seeds)', fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc='lower right')
   fig.tight_layout()
   fig.savefig(out, dpi=110)
   plt.close(fig)
@@ -256,6 +256,31 @@ def reading(settings: Settings, rows: list[Row]) -> list[str]:
     verdict = ('larger than' if lead > spread else 'within') + ' the seeds\' standard deviation'
     lines.append(f'- {task}: best {best} ({statistics.mean(a):.3f}), {lead:+.3f} over '
                  f'{second}: {verdict} ({spread:.3f}).')
+  return lines
+
+
+def tokens_note(settings: Settings) -> str:
+  size = studies_config.SIZE
+  tokens = settings.num_steps * size['batch_size'] * size['seq_len']
+  return (f'Scale: each run pretrains on {tokens / 1e6:.2f}M tokens (BERT-Base saw ~131,000M, '
+          'ELECTRA-Small ~16,000M): a difference smaller than the seeds\' spread here says '
+          'the question needs more compute than this machine gives it, not that the '
+          'variants are equal.')
+
+
+def rtd_reading(rows: list[Row]) -> list[str]:
+  """ELECTRA runs: how far the discriminator got past calling every token original (whose
+  accuracy is 1 − the replaced fraction), at the last pretraining step."""
+  lines = []
+  for variant in dict.fromkeys(r.variant for r in rows):
+    runs = {r.seed: r.pretrain for r in rows
+            if r.variant == variant and 'rtd_accuracy' in r.pretrain}
+    if not runs:
+      continue
+    gain = [p['rtd_accuracy'] - (1 - p['replaced_fraction']) for p in runs.values()]
+    recall = [p['rtd_recall'] for p in runs.values()]
+    lines.append(f'- {variant}: RTD accuracy {statistics.mean(gain):+.4f} over calling every '
+                 f'token original; recall of replaced tokens {statistics.mean(recall):.3f}.')
   return lines
 
 
@@ -284,7 +309,8 @@ def write_report(settings: Settings, workdir: str, out: str) -> None:
            'of that baseline: ' + ', '.join(
                f'{t} {tasks_lib.baseline(t, "test")["accuracy"]:.3f}' for t in settings.tasks)
            + '.',
-           '', '## What the numbers say', '', *reading(settings, rows), '']
+           '', '## What the numbers say', '', *reading(settings, rows), *rtd_reading(rows),
+           '', tokens_note(settings), '']
   with open(out, 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print(f'wrote {out} and {image}')
