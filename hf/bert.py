@@ -254,6 +254,33 @@ def fresh_head(path: str, shape: tuple[int, ...], cfg: bert.BertConfig,
   return np.ones(shape) if leaf == 'scale' else np.zeros(shape)
 
 
+def read_groups(hf: Mapping[str, np.ndarray], groups: dict[str, Table], cfg,
+                original: Mapping[str, str], shapes: Mapping[str, jax.ShapeDtypeStruct]
+                ) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Our flat params from the HF arrays, group by group, and the head groups the checkpoint
+  lacks entirely (to initialise fresh). The 'body' group is required, and a group present
+  in part is an error; so is any array whose shape is not `shapes`' (`original` gives the
+  HF name as the checkpoint spells it, for messages)."""
+  flat, fresh = {}, []
+  for group, table in groups.items():
+    present = [hf_name in hf for _, hf_name, _ in table]
+    if group != 'body' and not any(present):
+      fresh.append(group)
+      continue
+    missing = [hf_name for (_, hf_name, _), ok in zip(table, present) if not ok]
+    if missing:
+      raise ValueError(f'HF checkpoint lacks {missing} of its {group!r} parameters')
+    for ours, hf_name, reshape in table:
+      flat[ours] = reshape.to_ours(np.asarray(hf[hf_name]), cfg)
+  wrong = [f'{original[hf_name]} {hf[hf_name].shape} -> {ours} {flat[ours].shape}, '
+           f'expected {shapes[ours].shape}'
+           for table in groups.values() for ours, hf_name, _ in table
+           if ours in flat and flat[ours].shape != shapes[ours].shape]
+  if wrong:
+    raise ValueError('HF shapes do not fit the config: ' + '; '.join(wrong))
+  return flat, fresh
+
+
 def params_from_hf(state: Mapping[str, np.ndarray], cfg: bert.BertConfig, *,
                    seed: int = 0) -> tuple[dict, tuple[str, ...]]:
   """Our param tree (scanned if `cfg.scan_layers`) from an HF state dict, and the head
@@ -283,25 +310,8 @@ def params_from_hf(state: Mapping[str, np.ndarray], cfg: bert.BertConfig, *,
       raise ValueError(f'HF {original[name]} differs from {original[twin]}: our MLM head '
                        'is tied to the token embeddings and cannot hold an untied one')
 
-  flat, fresh = {}, []
-  for group, table in groups.items():
-    present = [hf_name in hf for _, hf_name, _ in table]
-    if group != 'body' and not any(present):
-      fresh.append(group)
-      continue
-    missing = [hf_name for (_, hf_name, _), ok in zip(table, present) if not ok]
-    if missing:
-      raise ValueError(f'HF checkpoint lacks {missing} of its {group!r} parameters')
-    for ours, hf_name, reshape in table:
-      flat[ours] = reshape.to_ours(np.asarray(hf[hf_name]), cfg)
-
   shapes = expected_shapes(cfg)
-  wrong = [f'{original[hf_name]} {hf[hf_name].shape} -> {ours} {flat[ours].shape}, '
-           f'expected {shapes[ours].shape}'
-           for table in groups.values() for ours, hf_name, _ in table
-           if ours in flat and flat[ours].shape != shapes[ours].shape]
-  if wrong:
-    raise ValueError('HF shapes do not fit the config: ' + '; '.join(wrong))
+  flat, fresh = read_groups(hf, groups, cfg, original, shapes)
   if fresh:
     logging.info('HF import: no %s in the checkpoint; initialised fresh', fresh)
     rng = np.random.default_rng(seed)
@@ -318,8 +328,13 @@ def params_from_hf(state: Mapping[str, np.ndarray], cfg: bert.BertConfig, *,
 def params_to_hf(params: Mapping[str, Any], cfg: bert.BertConfig) -> dict[str, np.ndarray]:
   """The HF state dict (numpy, contiguous) of our param tree, unrolled or scanned."""
   params = unstack_layers(jax.tree.map(np.asarray, flax.core.meta.unbox(dict(params))))
-  flat = flax.traverse_util.flatten_dict(params, sep='/')
-  groups = tables(cfg)
+  return write_groups(flax.traverse_util.flatten_dict(params, sep='/'), tables(cfg), cfg)
+
+
+def write_groups(flat: Mapping[str, np.ndarray], groups: dict[str, Table],
+                 cfg) -> dict[str, np.ndarray]:
+  """The HF state dict of our flat (unrolled) params: every parameter through its group's
+  table; a parameter with no HF name, or a table entry with no parameter, is an error."""
   mapped = {ours for table in groups.values() for ours, _, _ in table}
   unmapped = sorted(set(flat) - mapped)
   if unmapped:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hf.bert import COPY, LINEAR, OUT, QKV, QKV_BIAS, Table
-from hf.bert import fresh_head
+from hf.bert import fresh_head, read_groups, write_groups
 from models import deberta
 
 MODEL_TYPE = 'deberta-v2'
@@ -298,25 +298,8 @@ def params_from_hf(state: Mapping[str, np.ndarray], cfg: deberta.DebertaConfig, 
       raise ValueError(f'HF {original[name]} differs from {original[twin]}: our MLM head '
                        'is tied to the token embeddings and its bias')
 
-  flat, fresh = {}, []
-  for group, table in groups.items():
-    present = [hf_name in hf for _, hf_name, _ in table]
-    if group != 'body' and not any(present):
-      fresh.append(group)
-      continue
-    missing = [hf_name for (_, hf_name, _), ok in zip(table, present) if not ok]
-    if missing:
-      raise ValueError(f'HF checkpoint lacks {missing} of its {group!r} parameters')
-    for ours, hf_name, reshape in table:
-      flat[ours] = reshape.to_ours(np.asarray(hf[hf_name]), cfg)
-
   shapes = expected_shapes(cfg)
-  wrong = [f'{original[hf_name]} {hf[hf_name].shape} -> {ours} {flat[ours].shape}, '
-           f'expected {shapes[ours].shape}'
-           for table in groups.values() for ours, hf_name, _ in table
-           if ours in flat and flat[ours].shape != shapes[ours].shape]
-  if wrong:
-    raise ValueError('HF shapes do not fit the config: ' + '; '.join(wrong))
+  flat, fresh = read_groups(hf, groups, cfg, original, shapes)
   if fresh:
     logging.info('HF import: no %s in the checkpoint; initialised fresh', fresh)
     rng = np.random.default_rng(seed)
@@ -338,16 +321,4 @@ def params_to_hf(params: Mapping[str, Any], cfg: deberta.DebertaConfig) -> dict[
   Microsoft's MLM head names (the config says legacy=False)."""
   _check_exportable(cfg)
   params = unstack_layers(jax.tree.map(np.asarray, flax.core.meta.unbox(dict(params))))
-  flat = flax.traverse_util.flatten_dict(params, sep='/')
-  groups = tables(cfg)
-  mapped = {ours for table in groups.values() for ours, _, _ in table}
-  unmapped = sorted(set(flat) - mapped)
-  if unmapped:
-    raise ValueError(f'parameters with no HF name: {unmapped}')
-  state = {}
-  for group, table in groups.items():
-    for ours, hf_name, reshape in table:
-      if ours not in flat:
-        raise ValueError(f'params lack {ours!r} of the {group!r} group')
-      state[hf_name] = np.ascontiguousarray(reshape.to_hf(flat[ours], cfg))
-  return state
+  return write_groups(flax.traverse_util.flatten_dict(params, sep='/'), tables(cfg), cfg)
