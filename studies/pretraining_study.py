@@ -303,7 +303,12 @@ def write_report(settings: Settings, workdir: str, out: str) -> None:
            f'Fine-tuning: {settings.epochs} epoch(s) of each task\'s training split, batch '
            f'{settings.batch_size}, peak learning rate {settings.learning_rate}; scores are '
            f'{FINETUNE_METRIC} on the test split (examples from books no training split holds).',
+           '', 'Variants (arguments of `configs/pretraining_studies.py`, whose docstring '
+           'describes the families):', '',
+           *[f'- `{variant}`: `{arg}`'
+             for variant, arg in studies_config.STUDIES[settings.study].items()],
            '', 'FLOPs: ' + ' '.join(flops_lib.__doc__.split('\n\n')[1].split()), '',
+           'Wall times ("pretrain min") are of a CPU shared with other work: compare FLOPs.', '',
            *summary_table(settings, rows), '', f'![{settings.study}]({os.path.basename(image)})',
            '', 'A constant prediction (the majority class) scores MCC 0; the test accuracy '
            'of that baseline: ' + ', '.join(
