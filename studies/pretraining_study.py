@@ -197,7 +197,9 @@ def summary_table(settings: Settings, rows: list[Row]) -> list[str]:
       if not group:
         continue
       by_seed = {r.seed: r for r in group}
-      pretrain = [_mean_std([r.pretrain[m] for r in by_seed.values()]) for m in pretrain_names]
+      # A metric some variants lack (NSP accuracy without NSP) shows as '—' for them.
+      pretrain = [_mean_std([r.pretrain[m] for r in by_seed.values() if m in r.pretrain])
+                  for m in pretrain_names]
       scores = [_mean_std([r.score for r in group if r.task == task]) for task in settings.tasks]
       minutes = statistics.mean(r.pretrain_seconds for r in by_seed.values()) / 60
       lines.append('| ' + ' | '.join(
