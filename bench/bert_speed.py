@@ -50,8 +50,8 @@ import numpy as np
 
 from bench import common
 
-MATMUL_N = common.MATMUL_N
-CLIP_NORM, LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY = 1.0, 1e-4, (0.9, 0.999), 1e-6, 0.01
+ADAMW = common.AdamW(learning_rate=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                     clip_norm=1.0)  # BERT's, with clipping
 MASK_RATE, MASK_FRACTION, RANDOM_FRACTION = 0.15, 0.8, 0.1
 PAD, UNK, CLS, SEP, MASK = range(5)  # the special ids; ordinary tokens are 5..vocab-1
 SPECIAL_IDS = (PAD, UNK, CLS, SEP, MASK)
@@ -104,18 +104,9 @@ def make_pairs(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
 def peer_masks(tokens: np.ndarray, vocab: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """(corrupted inputs, labels with -100 where not labelled), [B, T] each: per row
   ⌊15%·n + u⌋ of its n non-special tokens labelled, 80% [MASK] / 10% random / 10% kept."""
-  rng = np.random.default_rng(seed)
-  inputs, labels = tokens.copy(), np.full_like(tokens, -100)
-  for row in range(tokens.shape[0]):
-    maskable = np.flatnonzero(~np.isin(tokens[row], SPECIAL_IDS))
-    count = int(np.floor(MASK_RATE * len(maskable) + rng.random()))
-    chosen = rng.permutation(maskable)[:count]
-    labels[row, chosen] = tokens[row, chosen]
-    action = rng.random(count)
-    inputs[row, chosen[action < MASK_FRACTION]] = MASK
-    randomised = chosen[(action >= MASK_FRACTION) & (action < MASK_FRACTION + RANDOM_FRACTION)]
-    inputs[row, randomised] = rng.integers(len(SPECIAL_IDS), vocab, len(randomised))
-  return inputs, labels
+  return common.peer_masks(tokens, vocab, special_ids=SPECIAL_IDS, mask_id=MASK,
+                           rate=MASK_RATE, mask_fraction=MASK_FRACTION,
+                           random_fraction=RANDOM_FRACTION, seed=seed)
 
 
 def bert_config(shape: Shape, dropout: float):
@@ -134,23 +125,16 @@ def gathered_loss_fn(params, batch, rng, *, model, deterministic: bool = False, 
   first `max_predictions` per row (BERT's max_predictions_per_seq), gathered before the
   head. A what-if for docs/benchmarks.md (models/bert.py scores all T positions); the
   model's own [B, T, V] logits go unused, so XLA drops them."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp
-  from models import layers
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from objectives import masked_lm
   from objectives import next_sentence
   inputs_BT, targets_BT, weights_BT = masked_lm.masked_inputs(batch, rng, settings.masking)
   outputs = masked_lm.apply_encoder(params, batch, inputs_BT, masked_lm.dropout_rng(rng),
                                     model=model, deterministic=deterministic)
-  _, index_BM = jax.lax.top_k(weights_BT, max_predictions)  # labelled positions first
-  take = lambda x: jnp.take_along_axis(x, index_BM.reshape(index_BM.shape + (1,) * (x.ndim - 2)),
-                                       axis=1)
-  h_BMD = take(outputs['hidden'])
-  dense, norm = params['mlm_dense'], params['mlm_ln']
-  h_BMD = layers.activation(model.config.activation)(h_BMD @ dense['kernel'] + dense['bias'])
-  h_BMD = layers.layer_norm(h_BMD, norm['scale'], norm['bias'], model.config.norm_epsilon)
-  logits_BMV = jnp.einsum('bmd,vd->bmv', h_BMD, params['token_embed']['embedding'])
-  sums = masked_lm.mlm_sums(logits_BMV + params['mlm_bias'], take(targets_BT), take(weights_BT))
+  _, take = common.labelled_positions(weights_BT, max_predictions)
+  logits_BMV = common.mlm_head_at(params, params['token_embed']['embedding'],
+                                  take(outputs['hidden']), model.config)
+  sums = masked_lm.mlm_sums(logits_BMV, take(targets_BT), take(weights_BT))
   sums.update(next_sentence.nsp_sums(outputs['nsp_logits'], batch['nsp_label'],
                                      next_sentence.real_rows(batch)))
   sums['weight'] = sums['nsp_weight']
@@ -159,7 +143,7 @@ def gathered_loss_fn(params, batch, rng, *, model, deterministic: bool = False, 
   return mlm_loss + settings.nsp_weight * nsp_loss, sums
 
 
-class Ours:
+class Ours(common.JaxSide):
   """contextual's BERT, its objective and real train step (training/step.py), and its
   forward pass for features."""
 
@@ -170,98 +154,52 @@ class Ours:
     import jax.numpy as jnp
     import objectives
     from models import bert
-    from training import optimizer as optimizer_lib
-    from training import step as step_lib
     shape, dropout, gathered = setup
-    self._jax = jax
     self.model = bert.BERT(bert_config(shape, dropout))
     tokenizer = types.SimpleNamespace(mask_id=MASK, vocab_size=shape.vocab,
                                       special_ids=SPECIAL_IDS)
     objective = objectives.build(
         'bert_pretraining', {'rate': MASK_RATE, 'mask_fraction': MASK_FRACTION,
                              'random_fraction': RANDOM_FRACTION}, tokenizer=tokenizer)
-    optimizer = optimizer_lib.OptimizerConfig(
-        learning_rate=LEARNING_RATE, warmup_steps=0, decay='constant', b1=BETAS[0],
-        b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY, clip_norm=CLIP_NORM)
-    tx = optimizer_lib.make_optimizer(optimizer, num_steps=1)
     pairs = make_pairs(shape)
-    ones = jnp.ones((shape.batch, shape.seq), jnp.int32)
-    self.batch = {
-        'inputs': jnp.asarray(pairs['tokens'], jnp.int32),
-        'token_types': jnp.asarray(pairs['token_types'], jnp.int32),
-        'segment_ids': ones,
-        'positions': jnp.broadcast_to(jnp.arange(shape.seq, dtype=jnp.int32), ones.shape),
-        'nsp_label': jnp.asarray(pairs['nsp_label'], jnp.int32),
-    }
-    params = nn.unbox(self.model.init(jax.random.key(0), self.batch['inputs'])['params'])
-    self.num_params = sum(p.size for p in jax.tree.leaves(params))
-    self.state = step_lib.TrainState.create(apply_fn=self.model.apply, params=params, tx=tx)
+    batch = {**common.encoder_batch(pairs['tokens'], pairs['token_types']),
+             'nsp_label': jnp.asarray(pairs['nsp_label'], jnp.int32)}
+    params = nn.unbox(self.model.init(jax.random.key(0), batch['inputs'])['params'])
     loss_fn = objective.loss_fn
     if gathered:  # The same loss (checked here), the MLM head at labelled positions only.
       loss_fn = functools.partial(gathered_loss_fn, settings=objective.settings,
                                   max_predictions=int(MASK_RATE * shape.seq) + 1)
       full, part = (jax.jit(functools.partial(f, model=self.model))(
-          params, self.batch, jax.random.key(0))[0] for f in (objective.loss_fn, loss_fn))
+          params, batch, jax.random.key(0))[0] for f in (objective.loss_fn, loss_fn))
       np.testing.assert_allclose(part, full, rtol=1e-5)
-    self.train_step = jax.jit(
-        functools.partial(step_lib.train_step, loss_fn=loss_fn, model=self.model,
-                          seed=0, learning_rate_fn=lambda step: LEARNING_RATE),
-        donate_argnums=(0,))
+    self.init_train(self.model, params, loss_fn, batch, ADAMW)
     self._encode = jax.jit(lambda p, b: self.model.apply(
         {'params': p}, b['inputs'], token_types_BT=b['token_types'],
         segment_ids_BT=b['segment_ids'], positions_BT=b['positions'])['hidden'])
-    self.first_loss = None
-    a = jnp.asarray(np.random.default_rng(1).normal(size=(MATMUL_N, MATMUL_N)), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    self._matmul = lambda: matmul(a, a).block_until_ready()
-
-  def describe(self, _) -> dict:
-    return {'framework': f'jax {self._jax.__version__} ({self._jax.default_backend()})',
-            'params': self.num_params}
 
   def warm_up(self) -> None:
     self.train(1)  # Compiles both, and warms the allocator.
     self.encode(1)
 
-  def matmul(self, repeats: int) -> float:
-    return common.best_rate(self._matmul, repeats)
-
-  def _step(self) -> None:
-    self.state, metrics = self.train_step(self.state, self.batch)
-    loss = float(metrics['loss'])  # Waits for the step.
-    self.first_loss = loss if self.first_loss is None else self.first_loss
-
-  def train(self, steps: int) -> list[float]:
-    return common.timed(self._step, steps)
-
   def encode(self, repeats: int) -> list[float]:
     return common.timed(
         lambda: self._encode(self.state.params, self.batch).block_until_ready(), repeats)
-
-  def loss(self, _) -> float:
-    return self.first_loss
 
 
 # -------------------------------------------------------------------------- the peer
 
 
-class Peer:
+class Peer(common.TorchSide):
   """transformers' BertForPreTraining with torch.optim.AdamW, as their docs use them."""
 
   def __init__(self, setup: tuple[Shape, dict, str]):
     import torch  # pylint: disable=g-import-not-at-top
     import transformers
     shape, hf_config, attention = setup
-    self._torch, self._transformers = torch, transformers
     torch.manual_seed(0)
     config = transformers.BertConfig(**hf_config, attn_implementation=attention)
-    self.model = transformers.BertForPreTraining(config).train()
-    self.num_params = sum(p.numel() for p in self.model.parameters())
-    decay = [p for p in self.model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-    self.optimizer = torch.optim.AdamW(
-        [{'params': decay, 'weight_decay': WEIGHT_DECAY},
-         {'params': no_decay, 'weight_decay': 0.0}], lr=LEARNING_RATE, betas=BETAS, eps=EPS)
+    model = transformers.BertForPreTraining(config).train()
+    self.init_train(model, ADAMW, model.config._attn_implementation)
     pairs = make_pairs(shape)
     inputs, labels = peer_masks(pairs['tokens'], shape.vocab)
     self.features = {'input_ids': torch.from_numpy(inputs),
@@ -269,44 +207,18 @@ class Peer:
                      'attention_mask': torch.ones(inputs.shape, dtype=torch.int64)}
     self.labels = {'labels': torch.from_numpy(labels),
                    'next_sentence_label': torch.from_numpy(pairs['nsp_label'])}
-    self.first_loss = None
-    a = torch.from_numpy(np.random.default_rng(1).normal(size=(MATMUL_N, MATMUL_N))).float()
-    self._matmul = lambda: torch.mm(a, a)
-
-  def describe(self, _) -> dict:
-    return {'framework': (f'torch {self._torch.__version__}, transformers '
-                          f'{self._transformers.__version__}, '
-                          f'attention {self.model.config._attn_implementation}, '
-                          f'{self._torch.get_num_threads()} threads'),
-            'params': self.num_params}
 
   def warm_up(self) -> None:
     self.train(1)  # Warms the allocator.
     self.encode(1)
 
-  def matmul(self, repeats: int) -> float:
-    return common.best_rate(self._matmul, repeats)
-
-  def _step(self) -> None:
-    self.optimizer.zero_grad(set_to_none=True)
-    loss = self.model(**self.features, **self.labels).loss
-    loss.backward()
-    self._torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP_NORM)
-    self.optimizer.step()
-    loss = loss.item()
-    self.first_loss = loss if self.first_loss is None else self.first_loss
-
-  def train(self, steps: int) -> list[float]:
-    self.model.train()
-    return common.timed(self._step, steps)
+  def step_loss(self):
+    return self.model(**self.features, **self.labels).loss
 
   def encode(self, repeats: int) -> list[float]:
     self.model.eval()
     with self._torch.inference_mode():
       return common.timed(lambda: self.model.bert(**self.features).last_hidden_state, repeats)
-
-  def loss(self, _) -> float:
-    return self.first_loss
 
 
 # ---------------------------------------------------------------------------- driver
@@ -379,8 +291,7 @@ def report(result: dict, command: str) -> str:
             **{p: f'peer {p} (PyTorch)' for p in PEERS}}
 
   def row(label, values, fmt, ratio='', unit=''):
-    cells = [format(values[n], fmt) + unit if n in values else '-' for n in names]
-    return f'| {label} | ' + ' | '.join(cells) + f' | {ratio} |'
+    return common.table_row(label, values, names, fmt, ratio, unit)
 
   pct = {k: {n: 100 * v for n, v in result[k].items()} for k in ('train_mfu', 'encode_mfu')}
   lines = [

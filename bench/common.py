@@ -10,10 +10,13 @@ warming the allocator) and whatever methods the driver calls as `side(method, ar
 """
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import platform
 import time
+
+import numpy as np
 
 from training import metrics
 
@@ -125,3 +128,179 @@ def tunables_env(peer_tunables: str) -> tuple[dict[str, str | None], dict[str, s
 
 def machine_line() -> str:
   return f'Machine: {metrics.describe_machine()}, Python {platform.python_version()}'
+
+
+# ------------------------------------------------------------- training sides (BERT, ELECTRA)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamW:
+  """The update both sides of a train benchmark make: AdamW at a constant learning rate,
+  weight decay on matrices (kernels, embeddings) only, global-norm clipping first."""
+  learning_rate: float
+  betas: tuple[float, float]
+  eps: float
+  weight_decay: float
+  clip_norm: float
+
+
+def peer_masks(tokens: np.ndarray, vocab: int, *, special_ids: tuple[int, ...], mask_id: int,
+               rate: float, mask_fraction: float, random_fraction: float,
+               seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """(corrupted inputs, labels with -100 where not labelled), [B, T] each, drawn once for
+  a peer (a data collator's work): per row ⌊rate·n + u⌋ of its n non-special tokens
+  labelled, `mask_fraction` of them [MASK], `random_fraction` a random ordinary token
+  (ids above the special ones), the rest kept."""
+  rng = np.random.default_rng(seed)
+  inputs, labels = tokens.copy(), np.full_like(tokens, -100)
+  for row in range(tokens.shape[0]):
+    maskable = np.flatnonzero(~np.isin(tokens[row], special_ids))
+    count = int(np.floor(rate * len(maskable) + rng.random()))
+    chosen = rng.permutation(maskable)[:count]
+    labels[row, chosen] = tokens[row, chosen]
+    action = rng.random(count)
+    inputs[row, chosen[action < mask_fraction]] = mask_id
+    randomised = chosen[(action >= mask_fraction) & (action < mask_fraction + random_fraction)]
+    inputs[row, randomised] = rng.integers(max(special_ids) + 1, vocab, len(randomised))
+  return inputs, labels
+
+
+def encoder_batch(tokens: np.ndarray, token_types: np.ndarray) -> dict:
+  """Our encoders' batch of [B, T] tokens and token types: one sequence per row (segment
+  ids 1, no padding), positions 0..T-1, int32."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  ones = jnp.ones(tokens.shape, jnp.int32)
+  return {'inputs': jnp.asarray(tokens, jnp.int32),
+          'token_types': jnp.asarray(token_types, jnp.int32),
+          'segment_ids': ones,
+          'positions': jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                                        ones.shape)}
+
+
+def table_row(label: str, values: dict, names: list[str], fmt: str, ratio: str = '',
+              unit: str = '') -> str:
+  """A markdown row: `label`, each side's value in `names` ('-' for a side without one)
+  formatted by `fmt`, then `ratio`."""
+  cells = [format(values[n], fmt) + unit if n in values else '-' for n in names]
+  return f'| {label} | ' + ' | '.join(cells) + f' | {ratio} |'
+
+
+def labelled_positions(weights_BT, count: int):
+  """(index_BM, take): the first `count` labelled positions of each row (labelled ones
+  first), and a function gathering a [B, T, ...] array at them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  _, index_BM = jax.lax.top_k(weights_BT, count)
+  take = lambda x: jnp.take_along_axis(x, index_BM.reshape(index_BM.shape + (1,) * (x.ndim - 2)),
+                                       axis=1)
+  return index_BM, take
+
+
+def mlm_head_at(head: dict, table_VE, h_BMD, config):
+  """models/bert.py's tied MLM head, LN(act(W h + b)) scored against the token table plus
+  the output bias, at gathered hidden states; `head` holds its parameters (mlm_dense,
+  mlm_ln, mlm_bias). For what-ifs: the model itself scores all T positions."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from models import layers
+  dense, norm = head['mlm_dense'], head['mlm_ln']
+  h_BME = layers.activation(config.activation)(h_BMD @ dense['kernel'] + dense['bias'])
+  h_BME = layers.layer_norm(h_BME, norm['scale'], norm['bias'], config.norm_epsilon)
+  return jnp.einsum('bme,ve->bmv', h_BME, table_VE) + head['mlm_bias']
+
+
+class JaxSide:
+  """Our side of a train benchmark: training/step.py's jitted `train_step` on one fixed
+  batch. A subclass's __init__ builds its model, batch and loss and calls `init_train`."""
+
+  def init_train(self, model, params, loss_fn, batch: dict, adamw: AdamW) -> None:
+    """The train state of `params` (unboxed), the jitted step and the matmul probe."""
+    import functools  # pylint: disable=g-import-not-at-top
+    import jax
+    import jax.numpy as jnp
+    from training import optimizer as optimizer_lib
+    from training import step as step_lib
+    self._jax = jax
+    self.batch = batch
+    self.num_params = sum(p.size for p in jax.tree.leaves(params))
+    optimizer = optimizer_lib.OptimizerConfig(
+        learning_rate=adamw.learning_rate, warmup_steps=0, decay='constant',
+        b1=adamw.betas[0], b2=adamw.betas[1], eps=adamw.eps,
+        weight_decay=adamw.weight_decay, clip_norm=adamw.clip_norm)
+    tx = optimizer_lib.make_optimizer(optimizer, num_steps=1)
+    self.state = step_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    self.train_step = jax.jit(
+        functools.partial(step_lib.train_step, loss_fn=loss_fn, model=model, seed=0,
+                          learning_rate_fn=lambda step: adamw.learning_rate),
+        donate_argnums=(0,))
+    self.first_loss = None
+    a = jnp.asarray(np.random.default_rng(1).normal(size=(MATMUL_N, MATMUL_N)), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    self._matmul = lambda: matmul(a, a).block_until_ready()
+
+  def describe(self, _) -> dict:
+    return {'framework': f'jax {self._jax.__version__} ({self._jax.default_backend()})',
+            'params': self.num_params}
+
+  def matmul(self, repeats: int) -> float:
+    return best_rate(self._matmul, repeats)
+
+  def _step(self) -> None:
+    self.state, step_metrics = self.train_step(self.state, self.batch)
+    loss = float(step_metrics['loss'])  # Waits for the step.
+    self.first_loss = loss if self.first_loss is None else self.first_loss
+
+  def train(self, steps: int) -> list[float]:
+    return timed(self._step, steps)
+
+  def loss(self, _) -> float:
+    return self.first_loss
+
+
+class TorchSide:
+  """A PyTorch peer's side of a train benchmark: `self.model` (a torch Module holding every
+  trained parameter, shared ones once) stepped on `self.step_loss()`, the step's loss, with
+  torch.optim.AdamW and clip_grad_norm_. A subclass's __init__ calls `init_train`."""
+
+  def init_train(self, model, adamw: AdamW, attention: str) -> None:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers
+    self._torch, self._transformers = torch, transformers
+    self.model, self.attention, self._clip_norm = model, attention, adamw.clip_norm
+    self.num_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    self.optimizer = torch.optim.AdamW(
+        [{'params': decay, 'weight_decay': adamw.weight_decay},
+         {'params': no_decay, 'weight_decay': 0.0}],
+        lr=adamw.learning_rate, betas=adamw.betas, eps=adamw.eps)
+    self.first_loss = None
+    a = torch.from_numpy(np.random.default_rng(1).normal(size=(MATMUL_N, MATMUL_N))).float()
+    self._matmul = lambda: torch.mm(a, a)
+
+  def describe(self, _) -> dict:
+    return {'framework': (f'torch {self._torch.__version__}, transformers '
+                          f'{self._transformers.__version__}, attention {self.attention}, '
+                          f'{self._torch.get_num_threads()} threads'),
+            'params': self.num_params}
+
+  def matmul(self, repeats: int) -> float:
+    return best_rate(self._matmul, repeats)
+
+  def step_loss(self):
+    raise NotImplementedError
+
+  def _step(self) -> None:
+    self.optimizer.zero_grad(set_to_none=True)
+    loss = self.step_loss()
+    loss.backward()
+    self._torch.nn.utils.clip_grad_norm_(self.model.parameters(), self._clip_norm)
+    self.optimizer.step()
+    loss = loss.item()
+    self.first_loss = loss if self.first_loss is None else self.first_loss
+
+  def train(self, steps: int) -> list[float]:
+    self.model.train()
+    return timed(self._step, steps)
+
+  def loss(self, _) -> float:
+    return self.first_loss

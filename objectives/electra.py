@@ -3,7 +3,7 @@
 
     x̃   = mask(x)                                    ~15% of tokens; 85% [MASK] / 15% kept
     L_G = mean_{t masked} −log p_G(x_t | x̃)
-    x̂_t = Gumbel-max sample of p_G(· | x̃)_t / τ at masked t, x_t elsewhere  (no gradient)
+    x̂_t ~ softmax(G's logits_t / τ) at masked t, x_t elsewhere    (no gradient)
     y_t = [x̂_t ≠ x_t]                                a sample equal to x_t counts as original
     L_D = mean_{t real} BCE(σ(D(x̂)_t), y_t)          every real token, [CLS] and [SEP] too
     loss = L_G + λ · L_D,   λ = 50
@@ -11,7 +11,8 @@
 The masking recipe is its own setting (ELECTRA: mask_fraction 0.85, random_fraction 0;
 BERT's 80/10/10 is another config). Masks are dynamic (from the step's RNG) or the
 pipeline's static ones, as in `objectives.masked_lm`. Samples are drawn from the whole
-vocabulary, as Google's code does.
+vocabulary, as Google's code does, by inverse CDF (`replace_tokens`) rather than its
+Gumbel-max: the same distribution from one random number per position instead of V.
 
 Microbatches: `weight` is the number of real tokens, so the RTD mean is exact over slices;
 the MLM mean is the token-weighted mean of the slices' means (exact when slices hold equal
@@ -32,6 +33,8 @@ Batch = dict[str, jax.Array]
 
 # Streams of the step's RNG beyond masked_lm's (masking 0, dropout 1).
 _SAMPLE_STREAM, _DISCRIMINATOR_DROPOUT_STREAM = 2, 3
+# Tokens per group of `replace_tokens`' two-level search of the cumulative probabilities.
+_GROUP = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +54,38 @@ class Electra:
 def replace_tokens(rng: jax.Array, logits_BTV: jax.Array, originals_BT: jax.Array,
                    selected_BT: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
   """(the discriminator's inputs x̂, labels y = [x̂ ≠ x]): generator samples at the selected
-  positions (Gumbel-max over logits / τ, no gradient), the original tokens elsewhere."""
+  positions (softmax of logits / τ, no gradient), the original tokens elsewhere.
+
+  A sample is the first token whose cumulative probability exceeds a uniform u: one random
+  number per position. Gumbel-max (`jax.random.categorical`) draws V of them, and on
+  XLA:CPU generating those B·T·V numbers took a third of bench/electra_speed.py's train
+  step (docs/benchmarks.md). The search runs over groups of `_GROUP` tokens, then within
+  the group found: a V-long cumulative sum was the slowest pass left. Float32 resolves
+  probabilities down to ~1e-7 of the total.
+
+  Dims: G groups of C = `_GROUP` tokens (the vocabulary padded with zero weights).
+  """
+  batch, length, vocab = logits_BTV.shape
+  groups = -(-vocab // _GROUP)
   logits_BTV = jax.lax.stop_gradient(logits_BTV) / temperature
-  sampled_BT = jax.random.categorical(rng, logits_BTV, axis=-1).astype(originals_BT.dtype)
+  # Unnormalised weights: the total is scaled by u instead.
+  weights_BTV = jnp.exp(logits_BTV - jnp.max(logits_BTV, axis=-1, keepdims=True))
+  weights_BTGC = jnp.pad(weights_BTV, ((0, 0), (0, 0), (0, groups * _GROUP - vocab))).reshape(
+      batch, length, groups, _GROUP)
+  group_weights_BTG = jnp.sum(weights_BTGC, axis=-1)
+  ends_BTG = jnp.cumsum(group_weights_BTG, axis=-1)
+  target_BT = jax.random.uniform(rng, (batch, length)) * ends_BTG[..., -1]
+  # The first group ending above the target, then the first token in it whose cumulative
+  # weight does: a token of zero weight never is. The clips only catch float rounding at a
+  # group's end, which can land on its last token.
+  group_BT = jnp.minimum(jnp.sum(ends_BTG <= target_BT[..., None], axis=-1), groups - 1)
+  take_group = lambda x, axis: jnp.take_along_axis(
+      x, group_BT.reshape(group_BT.shape + (1,) * (x.ndim - 2)), axis=axis).squeeze(axis)
+  before_BT = take_group(ends_BTG - group_weights_BTG, 2)
+  within_BTC = jnp.cumsum(take_group(weights_BTGC, 2), axis=-1)
+  offset_BT = jnp.minimum(jnp.sum(within_BTC <= (target_BT - before_BT)[..., None], axis=-1),
+                          _GROUP - 1)
+  sampled_BT = jnp.minimum(group_BT * _GROUP + offset_BT, vocab - 1).astype(originals_BT.dtype)
   replaced_inputs_BT = jnp.where(selected_BT, sampled_BT, originals_BT)
   return replaced_inputs_BT, replaced_inputs_BT != originals_BT
 
