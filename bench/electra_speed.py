@@ -21,8 +21,9 @@ shared by both (the generator projects it to 64 and its MLM head back to 256). O
 Ours is models/electra.py's `Electra` with `objectives.build('electra')` through
 training/step.py's `train_step`; masks and samples (inverse CDF over the softmax) are
 drawn on device inside the step. The peer is `ElectraForMaskedLM` (the generator) and
-`ElectraForPreTraining` (the discriminator), the generator's embedding module replaced by the discriminator's and its
-tied output layer re-tied to the shared token table, as ELECTRA's pretraining shares them.
+`ElectraForPreTraining` (the discriminator), the generator's embedding module replaced
+by the discriminator's and its tied output layer re-tied to the shared token table, as
+ELECTRA's pretraining shares them.
 Its masks are drawn once beforehand (a data collator's work, left out of its step, as in
 bert_speed); its samples are drawn in the step with `torch.multinomial` over the softmax
 at the selected positions. Both compute the generator's logits at every position, as both
