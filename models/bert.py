@@ -130,7 +130,8 @@ class BERT(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: Array, *, token_types_BT: Array | None = None,
                segment_ids_BT: Array | None = None, positions_BT: Array | None = None,
-               deterministic: bool = True, hidden_states: bool = False) -> dict[str, Array]:
+               mlm_at_BM: Array | None = None, deterministic: bool = True,
+               hidden_states: bool = False) -> dict[str, Array]:
     """Encodes `tokens_BT`.
 
     Args:
@@ -141,6 +142,10 @@ class BERT(nn.Module):
         from token ids: RoBERTa pads with id 1.)
       positions_BT: position ids from 0 (restarting per packed sequence); None: 0..T-1.
         The config's `position_offset` is added here.
+      mlm_at_BM: slots (indices into T) at which to run the MLM head, M per row: then
+        'mlm_logits' is [B, M, V]. The head's [T, V] logits are most of a small model's
+        FLOPs, and pretraining scores only the ~15% selected slots (BERT's and ELECTRA's
+        released code gather them the same way). None: every slot.
       deterministic: disables dropout (pass rngs={'dropout': ...} otherwise).
       hidden_states: also return every layer's hidden states.
     """
@@ -171,7 +176,9 @@ class BERT(nn.Module):
 
     outputs = {'hidden': hidden_BTD, 'pooled': self._pool(hidden_BTD[:, 0])}
     if cfg.mlm_head:
-      outputs['mlm_logits'] = self._mlm_head(hidden_BTD, table_VE)
+      head_inputs_BMD = hidden_BTD if mlm_at_BM is None else jnp.take_along_axis(
+          hidden_BTD, mlm_at_BM[..., None], axis=1)
+      outputs['mlm_logits'] = self._mlm_head(head_inputs_BMD, table_VE)
     if cfg.next_sentence:
       outputs['nsp_logits'] = self._dense(2, 'nsp', out_axis='classes')(
           outputs['pooled']).astype(jnp.float32)

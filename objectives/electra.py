@@ -105,9 +105,33 @@ def rtd_sums(logits_BT: jax.Array, labels_BT: jax.Array,
           'rtd_true_positive': jnp.sum(predicted_BT * labels_BT * weights_BT)}
 
 
+def prediction_slots(settings: MaskedLM, length: int, static: bool) -> int:
+  """M: how many slots per row can be selected, so the generator's head runs at M < T.
+
+  Dynamic token masking selects k = ⌊rate·n + u⌋ ≤ ⌊rate·T⌋ + 1 of a row's n ≤ T tokens
+  (objectives/masking.py). Whole words, and the pipeline's static masks (counted per
+  packed example, not per row), have no such bound: every slot.
+  """
+  if static or settings.whole_word:
+    return length
+  return min(length, int(settings.rate * length) + 1)
+
+
+def gather_slots(weights_BT: jax.Array, count: int) -> tuple[jax.Array, Any]:
+  """(slots_BM, take): the selected slots of each row first (in slot order, then unselected
+  ones to fill M = `count`), and a function taking a [B, T] array at them."""
+  # top_k is stable: equal weights keep slot order, so the selected come first in order.
+  _, slots_BM = jax.lax.top_k(weights_BT, count)
+  return slots_BM, lambda x_BT: jnp.take_along_axis(x_BT, slots_BM, axis=1)
+
+
 def loss_fn(params: Any, batch: Batch, rng: jax.Array, *, model, deterministic: bool = False,
             settings: Electra):
-  """L_G + λ·L_D from a generator and a discriminator pass, and summed metrics."""
+  """L_G + λ·L_D from a generator and a discriminator pass, and summed metrics.
+
+  The generator's MLM head (and so the sampling) runs at the M slots that can be selected
+  (`prediction_slots`), not at all T: the same losses, M/T of the head's FLOPs.
+  """
   inputs_BT, targets_BT, weights_BT = masked_lm.masked_inputs(batch, rng, settings.masking)
   selected_BT = weights_BT > 0
   originals_BT = jnp.where(selected_BT, targets_BT, inputs_BT)
@@ -115,13 +139,19 @@ def loss_fn(params: Any, batch: Batch, rng: jax.Array, *, model, deterministic: 
                   positions_BT=batch['positions'], deterministic=deterministic)
   variables = {'params': params}
 
-  generated = model.apply(variables, inputs_BT, **features, method='generate',
-                          rngs={'dropout': masked_lm.dropout_rng(rng)})
-  sums = masked_lm.mlm_sums(generated['mlm_logits'], targets_BT, weights_BT)
+  slots_BM, take = gather_slots(weights_BT, prediction_slots(
+      settings.masking, inputs_BT.shape[1], static='mlm_targets' in batch))
+  generated = model.apply(variables, inputs_BT, **features, mlm_at_BM=slots_BM,
+                          method='generate', rngs={'dropout': masked_lm.dropout_rng(rng)})
+  sums = masked_lm.mlm_sums(generated['mlm_logits'], take(targets_BT), take(weights_BT))
 
-  replaced_inputs_BT, labels_BT = replace_tokens(
-      jax.random.fold_in(rng, _SAMPLE_STREAM), generated['mlm_logits'], originals_BT,
-      selected_BT, settings.temperature)
+  # Samples at the gathered slots, written back into the rows.
+  sampled_BM, _ = replace_tokens(
+      jax.random.fold_in(rng, _SAMPLE_STREAM), generated['mlm_logits'], take(originals_BT),
+      take(selected_BT), settings.temperature)
+  rows_B1 = jnp.arange(slots_BM.shape[0])[:, None]
+  replaced_inputs_BT = originals_BT.at[rows_B1, slots_BM].set(sampled_BM)
+  labels_BT = replaced_inputs_BT != originals_BT
   discriminated = model.apply(
       variables, replaced_inputs_BT, **features, method='discriminate',
       rngs={'dropout': jax.random.fold_in(rng, _DISCRIMINATOR_DROPOUT_STREAM)})

@@ -9,6 +9,8 @@ import pytest
 import objectives
 from models import electra as electra_model
 from objectives import electra
+from objectives import masked_lm
+from objectives import masking
 from objectives.masking import MaskedLM
 
 
@@ -121,3 +123,40 @@ def test_gradients_generator_learns_from_mlm_alone_discriminator_from_rtd(setup)
   loss, grads = jax.value_and_grad(loss_of)(params)
   stepped = jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
   assert float(loss_of(stepped)) < float(loss)
+
+
+def test_generator_head_at_the_selectable_slots_scores_what_all_slots_would(setup):
+  """The head runs at M = ⌊rate·T⌋ + 1 < T slots; its MLM sums equal the full head's."""
+  model, params, batch, settings = setup
+  rng = jax.random.key(5)
+  _, sums = electra.loss_fn(params, batch, rng, model=model, deterministic=True,
+                            settings=settings)
+  inputs, targets, weights = masked_lm.masked_inputs(batch, rng, settings.masking)
+  full = model.apply({'params': params}, inputs, segment_ids_BT=batch['segment_ids'],
+                     positions_BT=batch['positions'], method='generate')
+  expected = masked_lm.mlm_sums(full['mlm_logits'], targets, weights)
+  assert electra.prediction_slots(settings.masking, 16, static=False) == 5
+  for name in ('mlm_loss_sum', 'mlm_correct', 'mlm_weight'):
+    np.testing.assert_allclose(sums[name], expected[name], rtol=1e-5, err_msg=name)
+
+
+def test_prediction_slots_bound_every_dynamic_selection():
+  """⌊rate·n + u⌋ never exceeds M, where rate·T is whole and where it is not."""
+  for rate, length in ((0.15, 128), (0.25, 16), (0.15, 20), (0.5, 7)):
+    recipe = MaskedLM(mask_id=4, vocab_size=40, special_ids=(0, 1, 2, 3, 4), rate=rate)
+    count = electra.prediction_slots(recipe, length, static=False)
+    tokens = jax.random.randint(jax.random.key(0), (256, length), 5, 40)
+    _, _, weights = masking.mask_tokens(
+        jax.random.key(1), tokens, jnp.ones_like(tokens), recipe)
+    # Tight: at most one slot to spare (float32's rate·n can round past a whole rate·T).
+    assert count - 1 <= int(weights.sum(axis=1).max()) <= count < length, (rate, length)
+  whole_words = MaskedLM(mask_id=4, vocab_size=40, whole_word=True)
+  assert electra.prediction_slots(whole_words, 16, static=False) == 16
+  assert electra.prediction_slots(MaskedLM(mask_id=4, vocab_size=40), 16, static=True) == 16
+
+
+def test_gather_slots_puts_the_selected_first_in_order():
+  weights = jnp.array([[0.0, 1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+  slots, take = electra.gather_slots(weights, 3)
+  np.testing.assert_array_equal(slots, [[1, 3, 4], [0, 1, 2]])
+  np.testing.assert_array_equal(take(weights), [[1, 1, 1], [1, 0, 0]])
