@@ -20,20 +20,20 @@ shared by both (the generator projects it to 64 and its MLM head back to 256). O
 
 Ours is models/electra.py's `Electra` with `objectives.build('electra')` through
 training/step.py's `train_step`; masks and samples (inverse CDF over the softmax) are
-drawn on device inside the step. The peer is `ElectraForMaskedLM` (the generator) and
-`ElectraForPreTraining` (the discriminator), the generator's embedding module replaced
+drawn on device inside the step, and the generator's MLM head runs only at the slots the
+masking can select (⌊0.15·T⌋ + 1 per row, objectives/electra.py), as Google's ELECTRA code
+runs it at its max_predictions_per_seq. The peer is `ElectraForMaskedLM` (the generator)
+and `ElectraForPreTraining` (the discriminator), the generator's embedding module replaced
 by the discriminator's and its tied output layer re-tied to the shared token table, as
-ELECTRA's pretraining shares them.
-Its masks are drawn once beforehand (a data collator's work, left out of its step, as in
-bert_speed); its samples are drawn in the step with `torch.multinomial` over the softmax
-at the selected positions. Both compute the generator's logits at every position, as both
-models do.
+ELECTRA's pretraining shares them. Its masks are drawn once beforehand (a data collator's
+work, left out of its step, as in bert_speed); its samples are drawn in the step with
+`torch.multinomial` over the softmax at the selected positions.
 
-The peer runs with attention 'sdpa' and 'eager', each in its own worker; the ratio is
-against the faster. A fourth side (`--no-gathered` drops it), `ours_gathered`, times a
-what-if: our step with the generator's MLM head, and so the sampling, run only at the
-selected positions (`gathered_loss_fn`, as Google's ELECTRA code does), which
-models/electra.py does not do. Parameter counts are checked equal, ours less its two poolers:
+Peer sides, each in its own worker: 'sdpa' and 'eager' (the attention implementation) run
+`ElectraForMaskedLM`'s own forward, whose MLM head scores every position, as its users
+train it; 'sdpa_gathered' runs the same modules with the MLM head applied only to the
+selected positions' hidden states (the computation ours does). The ratio is against the
+fastest peer side. Parameter counts are checked equal, ours less its two poolers:
 models/bert.py's BERT always builds one (D² + D parameters), ELECTRA's loss never reads it
 (XLA drops its work; its gradient is zero) and HF's ElectraModel has none. Workers, turns
 and environments as in bench/bert_speed.py (bench/common.py): every side measures in turn,
@@ -46,7 +46,8 @@ Printed (and written to docs/electra_speed.md):
 Model FLOPs count matmuls as bert_speed does (PaLM's appendix B), for both models, forward
 and backward: 6 per matmul parameter per token (the discriminator's encoder and RTD head;
 the generator's projection from the shared embeddings, encoder, MLM dense and tied output
-projection) plus 12·L·T·D for attention in each encoder (at its own width D). Sampling,
+projection) plus 12·L·T·D for attention in each encoder (at its own width D); the MLM
+head's terms count the positions each side scores (all T, or the gathered ones). Sampling,
 embedding lookups, norms and the optimizer are not counted.
 """
 
@@ -62,7 +63,7 @@ from bench import common
 
 MASK_RATE, MASK_FRACTION, RANDOM_FRACTION = 0.15, 0.85, 0.0  # ELECTRA's masking
 RTD_WEIGHT, TEMPERATURE = 50.0, 1.0
-GATHERED = 'ours_gathered'  # the side that runs the generator's MLM head at selected positions
+PEERS = (*bert_speed.PEERS, 'sdpa_gathered')  # HF's forward (all positions), or gathered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +92,10 @@ def electra_config(shape: Shape, dropout: float):
                                generator_fraction=shape.generator)
 
 
-def train_flops_per_token(cfg) -> float:
+def train_flops_per_token(cfg, head_fraction: float = 1.0) -> float:
   """6 per matmul parameter of both models (see the module's docstring) plus attention's
-  two matmuls over the full T x T in each encoder."""
+  two matmuls over the full T x T in each encoder; the generator's MLM head runs at
+  `head_fraction` of the positions."""
   width_e = cfg.embedding_width
   total = 0
   for encoder in (cfg.discriminator, cfg.generator):
@@ -103,7 +105,7 @@ def train_flops_per_token(cfg) -> float:
     total += 12 * encoder.num_layers * cfg.max_len * d  # max_len: the rows are T long
   d, g = cfg.embed_dim, cfg.generator.embed_dim
   total += 6 * (d**2 + d)  # the RTD head: dense, then one logit
-  total += 6 * (g * width_e + cfg.vocab_size * width_e)  # MLM dense, tied output
+  total += 6 * head_fraction * (g * width_e + cfg.vocab_size * width_e)  # MLM dense, tied output
   return total
 
 
@@ -119,59 +121,16 @@ def hf_config(cfg) -> dict:
 # --------------------------------------------------------------------------- our side
 
 
-def gathered_loss_fn(params, batch, rng, *, model, deterministic: bool = False, settings,
-                     max_predictions: int):
-  """objectives/electra.py's loss_fn with the generator's MLM head, and so the sampling,
-  run only at the selected positions: the first `max_predictions` per row, gathered before
-  the head, as Google's ELECTRA code does (its max_predictions_per_seq). A what-if for
-  docs/benchmarks.md (models/electra.py scores all T positions); the generator's own
-  [B, T, V] logits go unused, so XLA drops them."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp
-  from objectives import electra
-  from objectives import masked_lm
-  inputs_BT, targets_BT, weights_BT = masked_lm.masked_inputs(batch, rng, settings.masking)
-  selected_BT = weights_BT > 0
-  originals_BT = jnp.where(selected_BT, targets_BT, inputs_BT)
-  features = dict(token_types_BT=batch.get('token_types'), segment_ids_BT=batch['segment_ids'],
-                  positions_BT=batch['positions'], deterministic=deterministic)
-  variables = {'params': params}
-  generated = model.apply(variables, inputs_BT, **features, method='generate',
-                          rngs={'dropout': masked_lm.dropout_rng(rng)})
-  index_BM, take = common.labelled_positions(weights_BT, max_predictions)
-  logits_BMV = common.mlm_head_at(params['generator'],
-                                  params['embeddings']['token_embed']['embedding'],
-                                  take(generated['hidden']), model.config.generator)
-  sums = masked_lm.mlm_sums(logits_BMV, take(targets_BT), take(weights_BT))
-  # The objective's RNG streams, so the discriminator's dropout matches loss_fn's.
-  replaced_BM, _ = electra.replace_tokens(
-      jax.random.fold_in(rng, electra._SAMPLE_STREAM), logits_BMV, take(originals_BT),
-      take(selected_BT), settings.temperature)
-  rows_B1 = jnp.arange(index_BM.shape[0])[:, None]
-  replaced_inputs_BT = originals_BT.at[rows_B1, index_BM].set(replaced_BM)
-  discriminated = model.apply(
-      variables, replaced_inputs_BT, **features, method='discriminate',
-      rngs={'dropout': jax.random.fold_in(rng, electra._DISCRIMINATOR_DROPOUT_STREAM)})
-  real_BT = (batch['segment_ids'] != 0).astype(jnp.float32)
-  sums.update(electra.rtd_sums(discriminated['rtd_logits'], replaced_inputs_BT != originals_BT,
-                               real_BT))
-  sums['weight'] = sums['rtd_weight']
-  mlm_loss = sums['mlm_loss_sum'] / jnp.maximum(sums['mlm_weight'], 1.0)
-  rtd_loss = sums['rtd_loss_sum'] / jnp.maximum(sums['rtd_weight'], 1.0)
-  return mlm_loss + settings.rtd_weight * rtd_loss, sums
-
-
 class Ours(common.JaxSide):
   """contextual's ELECTRA, its objective and real train step (training/step.py)."""
 
-  def __init__(self, setup: tuple[Shape, float, bool]):
-    import functools  # pylint: disable=g-import-not-at-top
-    import flax.linen as nn
+  def __init__(self, setup: tuple[Shape, float]):
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
     import jax
-    import numpy as np
     import objectives
     from models import electra
-    shape, dropout, gathered = setup
+    from objectives import electra as objective_lib
+    shape, dropout = setup
     model = electra.Electra(electra_config(shape, dropout))
     tokenizer = types.SimpleNamespace(mask_id=bert_speed.MASK, vocab_size=shape.vocab,
                                       special_ids=bert_speed.SPECIAL_IDS)
@@ -182,22 +141,18 @@ class Ours(common.JaxSide):
     pairs = bert_speed.make_pairs(shape)
     batch = common.encoder_batch(pairs['tokens'], pairs['token_types'])
     params = nn.unbox(model.init(jax.random.key(0), batch['inputs'])['params'])
-    loss_fn = objective.loss_fn
-    if gathered:  # The same MLM loss (checked here); samples are drawn from other numbers.
-      loss_fn = functools.partial(gathered_loss_fn, settings=objective.settings,
-                                  max_predictions=int(MASK_RATE * shape.seq) + 1)
-      full, part = (jax.jit(functools.partial(f, model=model))(
-          params, batch, jax.random.key(0))[1] for f in (objective.loss_fn, loss_fn))
-      for name in ('mlm_loss_sum', 'mlm_weight', 'rtd_weight'):
-        np.testing.assert_allclose(part[name], full[name], rtol=1e-5, err_msg=name)
-    self.init_train(model, params, loss_fn, batch, bert_speed.ADAMW)
+    self.init_train(model, params, objective.loss_fn, batch, bert_speed.ADAMW)
     # BERT's poolers, unused by ELECTRA's loss and absent from HF's ELECTRA: not compared.
     self.poolers = sum(p.size for part in ('generator', 'discriminator')
                        for p in jax.tree.leaves(params[part]['pooler']))
     self.num_params -= self.poolers
+    # The positions its generator's MLM head scores (objectives/electra.py).
+    self.head_fraction = objective_lib.prediction_slots(
+        objective.settings.masking, shape.seq, static=False) / shape.seq
 
   def describe(self, _) -> dict:
-    return {**super().describe(_), 'poolers': self.poolers}
+    return {**super().describe(_), 'poolers': self.poolers,
+            'head_fraction': self.head_fraction}
 
   def warm_up(self) -> None:
     self.train(1)  # Compiles, and warms the allocator.
@@ -213,7 +168,9 @@ class Peer(common.TorchSide):
   def __init__(self, setup: tuple[Shape, float, str]):
     import torch  # pylint: disable=g-import-not-at-top
     import transformers
-    shape, dropout, attention = setup
+    shape, dropout, side = setup
+    attention, _, gathered = side.partition('_')
+    self.gathered = bool(gathered)
     torch.manual_seed(0)
     cfg = electra_config(shape, dropout)
     generator = transformers.ElectraForMaskedLM(transformers.ElectraConfig(
@@ -240,28 +197,43 @@ class Peer(common.TorchSide):
   def warm_up(self) -> None:
     self.train(1)  # Warms the allocator.
 
+  def describe(self, _) -> dict:
+    description = super().describe(_)
+    if self.gathered:
+      description['framework'] += ', MLM head at the selected positions'
+    scored = int(self.selected.sum()) if self.gathered else self.selected.numel()
+    return {**description, 'head_fraction': scored / self.selected.numel()}
+
+  def generator_logits(self):
+    """(the generator's MLM loss, its logits at the selected positions [M, V])."""
+    torch, generator = self._torch, self.model['generator']
+    if not self.gathered:  # ElectraForMaskedLM's own forward: every position.
+      generated = generator(input_ids=self.inputs, labels=self.labels, **self.features)
+      return generated.loss, generated.logits[self.selected]
+    hidden = generator.electra(input_ids=self.inputs, **self.features).last_hidden_state
+    logits_MV = generator.generator_lm_head(generator.generator_predictions(
+        hidden[self.selected]))
+    return torch.nn.functional.cross_entropy(logits_MV, self.labels[self.selected]), logits_MV
+
   def step_loss(self):
     torch = self._torch
-    generated = self.model['generator'](input_ids=self.inputs, labels=self.labels,
-                                        **self.features)
+    mlm_loss, logits_MV = self.generator_logits()
     with torch.no_grad():
-      probs_MV = torch.softmax(generated.logits[self.selected] / TEMPERATURE, dim=-1)
+      probs_MV = torch.softmax(logits_MV / TEMPERATURE, dim=-1)
       replaced = self.originals.clone()
       replaced[self.selected] = torch.multinomial(probs_MV, 1)[:, 0]
     discriminated = self.model['discriminator'](
         input_ids=replaced, labels=(replaced != self.originals).long(), **self.features)
-    return generated.loss + RTD_WEIGHT * discriminated.loss
+    return mlm_loss + RTD_WEIGHT * discriminated.loss
 
 
 # ---------------------------------------------------------------------------- driver
 
 
 def run(shape: Shape, rounds: int, steps: int, matmul_repeats: int, dropout: float,
-        peers: tuple[str, ...], gathered: bool, env: dict[str, dict[str, str | None]]) -> dict:
+        peers: tuple[str, ...], env: dict[str, dict[str, str | None]]) -> dict:
   """Measures every side in rotating rounds; returns the medians and derived ratios."""
-  specs = {'ours': (Ours, (shape, dropout, False), env['ours'])}
-  if gathered:
-    specs[GATHERED] = (Ours, (shape, dropout, True), env['ours'])
+  specs = {'ours': (Ours, (shape, dropout), env['ours'])}
   specs.update({p: (Peer, (shape, dropout, p), env['peer']) for p in peers})
   with common.started(specs) as sides:
     info = {name: side('describe') for name, side in sides.items()}
@@ -280,10 +252,9 @@ def run(shape: Shape, rounds: int, steps: int, matmul_repeats: int, dropout: flo
   peak = max(max(samples[n, 'matmul']) for n in sides)
   train_peer = min(peers, key=train_s.get)
   tokens = shape.tokens_per_step
-  flops_per_token = train_flops_per_token(electra_config(shape, dropout))
-  # Model FLOPs are those of the model as it is (all positions scored): not the what-if's.
-  train_gflops = {n: flops_per_token * tokens / train_s[n] / 1e9
-                  for n in sides if n != GATHERED}
+  cfg = electra_config(shape, dropout)
+  flops_per_token = {n: train_flops_per_token(cfg, info[n]['head_fraction']) for n in sides}
+  train_gflops = {n: flops_per_token[n] * tokens / train_s[n] / 1e9 for n in sides}
   return {
       'shape': dataclasses.asdict(shape), 'dropout': dropout, 'rounds': rounds,
       'steps': steps,
@@ -299,18 +270,14 @@ def run(shape: Shape, rounds: int, steps: int, matmul_repeats: int, dropout: flo
       'train_model_gflops_per_s': train_gflops,
       'matmul_gflops_per_s': {n: max(samples[n, 'matmul']) for n in sides},
       'train_mfu': {n: train_gflops[n] / peak for n in train_gflops},
-      # The what-if: the generator's MLM head at selected positions only (`gathered_loss_fn`).
-      **({'gathered_train_ratio': train_s[train_peer] / train_s[GATHERED],
-          'gathered_speedup': train_s['ours'] / train_s[GATHERED]} if GATHERED in sides else {}),
+      'head_fraction': {n: info[n]['head_fraction'] for n in sides},
   }
 
 
 def report(result: dict, command: str) -> str:
   """The markdown page: what ran where, a table, and the two headline lines."""
   s, names = result['shape'], list(result['frameworks'])
-  titles = {'ours': 'ours (JAX)',
-            GATHERED: "ours, generator's MLM head at selected positions only (JAX)",
-            **{p: f'peer {p} (PyTorch)' for p in bert_speed.PEERS}}
+  titles = {'ours': 'ours (JAX)', **{p: f'peer {p} (PyTorch)' for p in PEERS}}
   row = lambda label, values, fmt, ratio='', unit='': common.table_row(
       label, values, names, fmt, ratio, unit)
   cfg = electra_config(Shape(**s), result['dropout'])
@@ -330,7 +297,9 @@ def report(result: dict, command: str) -> str:
        f'{result["our_poolers"]:,} in two unused poolers, not counted). Batch {s["batch"]} x '
        f'{s["seq"]} tokens, float32, dropout {result["dropout"]}, MLM (15% selected, 85% '
        f'[MASK]) + {RTD_WEIGHT:g} x RTD, AdamW + clipping. '
-       f'{result["train_flops_per_token"] / 1e6:.1f} model MFLOP per token. Medians over '
+       'Model MFLOP per token (the MLM head at the positions each side scores): '
+       + ', '.join(f'{n} {v / 1e6:.1f}' for n, v in result['train_flops_per_token'].items())
+       + f'. Medians over '
        f'{result["rounds"]} rotating rounds of {result["steps"]} train steps. First losses: '
        + ', '.join(f'{n} {v:.4f}' for n, v in result['first_loss'].items()) + '.'), '',
       f'The ratio is against the faster peer: {result["train_peer"]}.', '',
@@ -341,13 +310,9 @@ def report(result: dict, command: str) -> str:
       row('train model GFLOP/s', result['train_model_gflops_per_s'], '.1f'),
       row('train MFU (vs the best matmul)',
           {n: 100 * v for n, v in result['train_mfu'].items()}, '.1f', unit='%'),
+      row('MLM head: fraction of positions scored', result['head_fraction'], '.3f'),
       row('2048² matmul GFLOP/s (best)', result['matmul_gflops_per_s'], '.1f'), '',
       'MFU percentages are of the best 2048² matmul rate of any side in this run.', '',
-      *([f"What-if, the generator's MLM head and sampling at selected positions only "
-         f'({GATHERED}, not what models/electra.py does): train tokens/s '
-         f'{result["gathered_train_ratio"]:.2f}x the faster peer, '
-         f'{result["gathered_speedup"]:.2f}x ours as it is.', '']
-        if 'gathered_speedup' in result else []),
       '```', *headline(result), '```', '',
       '```json', json.dumps(result, indent=1), '```', '']
   return '\n'.join(lines)
@@ -366,22 +331,19 @@ def main(argv=None) -> None:
   parser.add_argument('--steps', type=int, default=3, help='train steps timed per round')
   parser.add_argument('--matmul_repeats', type=int, default=5)
   parser.add_argument('--dropout', type=float, default=0.0, help='on both sides')
-  parser.add_argument('--peers', default=','.join(bert_speed.PEERS),
-                      help="the peer's attention implementations, each a side of its own")
-  parser.add_argument('--gathered', action=argparse.BooleanOptionalAction, default=True,
-                      help="also time ours with the generator's MLM head at selected "
-                           'positions only')
+  parser.add_argument('--peers', default=','.join(PEERS),
+                      help="the peer's sides (attention implementation, _gathered: the MLM "
+                           'head at the selected positions only), each in its own worker')
   parser.add_argument('--out', default=f'{common.DOCS}/electra_speed.md')
   parser.add_argument('--peer_tunables', choices=('default', 'ours'), default='default',
                       help="the peer's glibc malloc settings (see bench/gpt_speed.py)")
   args = parser.parse_args(argv)
   shape = Shape(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shape)})
   peers = tuple(args.peers.split(','))
-  if not set(peers) <= set(bert_speed.PEERS) or not peers:
-    parser.error(f'--peers must name some of {bert_speed.PEERS}')
+  if not set(peers) <= set(PEERS) or not peers:
+    parser.error(f'--peers must name some of {PEERS}')
   env = dict(zip(('ours', 'peer'), common.tunables_env(args.peer_tunables)))
-  result = run(shape, args.rounds, args.steps, args.matmul_repeats, args.dropout, peers,
-               args.gathered, env)
+  result = run(shape, args.rounds, args.steps, args.matmul_repeats, args.dropout, peers, env)
   command = 'python -m bench.electra_speed ' + ' '.join(sys.argv[1:] if argv is None else argv)
   page = report(result, command.strip())
   with open(args.out, 'w') as f:
