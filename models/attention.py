@@ -589,6 +589,7 @@ class MultiHeadAttention(nn.Module):
   out_kernel_init: Initializer = nn.initializers.normal(stddev=0.02)
   position: Any = None
   mask: Mask | None = None
+  cross: bool = False  # cross-attention: in decode mode, caches the source's keys/values
 
   @nn.compact
   def __call__(self, x_BTD: Array, kv_BSD: Array | None = None, *,
@@ -608,29 +609,39 @@ class MultiHeadAttention(nn.Module):
         call (inside `init`) shapes the cache from `x_BTD` (`[B, N, S_max, H]`); each later
         call writes a chunk of T >= 1 new tokens at `cache_index` and attends to every
         cached slot up to its own (and of the same segment) that `mask` lets it see.
+        With `cross`: a call with `kv_BSD` projects the source's keys and values once and
+        caches them; a call with `kv_BSD=None` attends to the cached ones (`mask_B1TS`,
+        built by the caller from the source's segment ids, may be given).
       position_context: a `relative.PositionContext` (query and key position ids, what
         the stack's layers share) for the `position` scheme's hooks.
 
     Returns:
       `[B, T, D]` in `dtype`.
     """
-    if mask_B1TS is not None and decode:
+    self_decode = decode and not self.cross
+    if mask_B1TS is not None and self_decode:
       raise ValueError('decode mode builds its mask from the cache; pass segment_ids_BT '
                        'to mask padding instead of mask_B1TS')
-    if segment_ids_BT is not None and not decode:
-      raise ValueError('segment_ids_BT is for decode mode; otherwise fold segments into '
-                       'mask_B1TS with segment_mask()')
-    if kv_BSD is not None and decode:
-      raise NotImplementedError('decode mode caches self-attention only')
-    kv_BSD = x_BTD if kv_BSD is None else kv_BSD
+    if segment_ids_BT is not None and not self_decode:
+      raise ValueError('segment_ids_BT is for self-attention in decode mode; otherwise fold '
+                       'segments into mask_B1TS with segment_mask()')
+    if kv_BSD is not None and self_decode:
+      raise ValueError('decode mode caches self-attention; a layer attending to a source '
+                       'needs cross=True')
+    if self.cross and not decode and kv_BSD is None:
+      raise ValueError('cross-attention needs kv_BSD (the source) outside decode mode')
 
     q_BTNH = self._project_in('query', x_BTD)
-    k_BSNH = self._project_in('key', kv_BSD)
-    v_BSNH = self._project_in('value', kv_BSD)
+    if self.cross and decode:
+      k_BSNH, v_BSNH = self._source_cache(kv_BSD)
+    else:
+      kv_BSD = x_BTD if kv_BSD is None else kv_BSD
+      k_BSNH = self._project_in('key', kv_BSD)
+      v_BSNH = self._project_in('value', kv_BSD)
     if self.position is not None:
       # Before the cache: cached keys keep the rotation of their own position (RoPE).
       q_BTNH, k_BSNH = self.position.rotate(q_BTNH, k_BSNH, position_context, decode=decode)
-    if decode:
+    if self_decode:
       k_BSNH, v_BSNH, mask_B1TS = self._update_cache(k_BSNH, v_BSNH, segment_ids_BT)
 
     dropout = None
@@ -673,6 +684,23 @@ class MultiHeadAttention(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'kv')),
         name=name)(x_BLD)
     return nn.with_logical_constraint(y_BLNH, ('batch', 'length', 'heads', 'kv'))
+
+  def _source_cache(self, kv_BSD: Array | None) -> tuple[Array, Array]:
+    """Cross-attention's keys and values in decode mode, projected once per source.
+
+    With `kv_BSD` (the first decode call, and `init`) they are projected and cached; with
+    None (every later step) they are read back. Stored `[B, S, N, H]`: written once, read
+    as they are.
+    """
+    if kv_BSD is not None:
+      k_BSNH, v_BSNH = self._project_in('key', kv_BSD), self._project_in('value', kv_BSD)
+      self.put_variable('cache', 'source_key', k_BSNH)
+      self.put_variable('cache', 'source_value', v_BSNH)
+      return k_BSNH, v_BSNH
+    if not self.has_variable('cache', 'source_key'):
+      raise ValueError('cross-attention in decode mode: the first call must pass the source '
+                       '(kv_BSD) so that its keys and values are cached')
+    return self.get_variable('cache', 'source_key'), self.get_variable('cache', 'source_value')
 
   def _update_cache(self, k_BTNH: Array, v_BTNH: Array,
                     segment_ids_BT: Array | None) -> tuple[Array, Array, Array | None]:

@@ -63,7 +63,7 @@ class GPT(nn.Module):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     batch_size, length = tokens_BT.shape
-    next_positions_BT = self._next_positions(batch_size, length, decode)
+    next_positions_BT = transformer.next_positions(self, batch_size, length, decode)
     if positions_BT is None:
       positions_BT = next_positions_BT
 
@@ -77,7 +77,7 @@ class GPT(nn.Module):
       x_BTD = x_BTD + position_BTD
     # Schemes inside attention read position ids (never slots, see relative.py), for the
     # keys from the cache when decoding.
-    key_positions_BS = self._key_positions(positions_BT, next_positions_BT, decode)
+    key_positions_BS = transformer.key_positions(self, positions_BT, next_positions_BT, decode)
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
 
     # The stack shares GPT's scope: its parameters keep GPT-2's flat names (block_i,
@@ -88,32 +88,3 @@ class GPT(nn.Module):
                     segment_ids_BT=segment_ids_BT, prefix_lengths_B=prefix_lengths_B,
                     deterministic=deterministic, decode=decode).hidden_BTD
     return embed.attend(x_BTD)
-
-  def _next_positions(self, batch_size: int, length: int, decode: bool) -> Array:
-    """0..T-1; in decode mode, continues from the positions already cached."""
-    if not decode:
-      return attention.sequence_index(batch_size, length)
-    initialized = self.has_variable('cache', 'position_index')
-    index = self.variable('cache', 'position_index', lambda: jnp.array(0, jnp.int32))
-    if not initialized:
-      return attention.sequence_index(batch_size, length)
-    start = index.value
-    index.value = start + length
-    return attention.sequence_index(batch_size, length, start)
-
-  def _key_positions(self, positions_BT: Array, slots_BT: Array, decode: bool) -> Array:
-    """The keys' position ids: the queries' own, or in decode mode all cached ones `[B, S]`.
-
-    The cache of position ids sits beside the layers' KV caches and is written at the
-    same slots (`slots_BT`, from `_next_positions`), so left-padded rows keep their own.
-    """
-    if not decode:
-      return positions_BT
-    initialized = self.has_variable('cache', 'cached_positions')
-    cached = self.variable('cache', 'cached_positions', jnp.zeros, positions_BT.shape,
-                           jnp.int32)
-    if not initialized:
-      return positions_BT
-    cached.value = jax.lax.dynamic_update_slice(
-        cached.value, positions_BT.astype(jnp.int32), (0, slots_BT[0, 0]))
-    return cached.value

@@ -214,10 +214,13 @@ class Block(nn.Module):
             position_context=position_context, deterministic=deterministic, decode=decode))
     if self.cross_attention:
       # Positions enter through the self-attention alone (as in T5 and BART); cross-
-      # attention sees the whole encoding, masked only by padding and segments.
+      # attention sees the whole encoding, masked only by padding and segments. Decoding,
+      # it caches the encoding's keys/values on the first step (`encoded_BSD` given) and
+      # reads them back on the others (None).
       x_BTD = sublayer(x_BTD, 'ln_cross', lambda h_BTD: attention_layer(
-          'cross_attention', kernel='xla' if cfg.kernel == 'block_sparse' else cfg.kernel)(
-              h_BTD, encoded_BSD, mask_B1TS=cross_mask_B1TS, deterministic=deterministic))
+          'cross_attention', kernel='xla' if cfg.kernel == 'block_sparse' else cfg.kernel,
+          cross=True)(h_BTD, encoded_BSD, mask_B1TS=cross_mask_B1TS,
+                      deterministic=deterministic, decode=decode))
     x_BTD = sublayer(x_BTD, 'ln_mlp', lambda h_BTD: layers.Mlp(
         hidden_dim=cfg.mlp_dim, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
         use_bias=cfg.use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=init,
@@ -286,6 +289,43 @@ def position_context(cfg: TransformerConfig, q_positions_BT: Array, kv_positions
       dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype))
 
 
+def next_positions(module: nn.Module, batch_size: int, length: int, decode: bool) -> Array:
+  """The slots 0..T-1 of the tokens; in decode mode, continuing from those already cached.
+
+  Decoding keeps the count in `module`'s 'cache' collection ('position_index'), so call it
+  from the module that embeds the tokens (the queries' default position ids).
+  """
+  if not decode:
+    return attention.sequence_index(batch_size, length)
+  initialized = module.has_variable('cache', 'position_index')
+  index = module.variable('cache', 'position_index', lambda: jnp.array(0, jnp.int32))
+  if not initialized:
+    return attention.sequence_index(batch_size, length)
+  start = index.value
+  index.value = start + length
+  return attention.sequence_index(batch_size, length, start)
+
+
+def key_positions(module: nn.Module, positions_BT: Array, slots_BT: Array,
+                  decode: bool) -> Array:
+  """The keys' position ids: the queries' own, or in decode mode all cached ones `[B, S]`.
+
+  The cache of position ids ('cached_positions' in `module`'s cache) sits beside the
+  layers' KV caches and is written at the same slots (`slots_BT`, from `next_positions`),
+  so left-padded rows keep their own.
+  """
+  if not decode:
+    return positions_BT
+  initialized = module.has_variable('cache', 'cached_positions')
+  cached = module.variable('cache', 'cached_positions', jnp.zeros, positions_BT.shape,
+                           jnp.int32)
+  if not initialized:
+    return positions_BT
+  cached.value = jax.lax.dynamic_update_slice(
+      cached.value, positions_BT.astype(jnp.int32), (0, slots_BT[0, 0]))
+  return cached.value
+
+
 @dataclasses.dataclass(frozen=True)
 class StackOutput:
   """A stack's final hidden states and (on request) every layer's: [embeddings, 1, ..., L]."""
@@ -334,16 +374,26 @@ class Decoder(nn.Module):
     """Args as GPT's; `key_positions_BS` are the keys' position ids (the cache's in decode).
 
     Decoding masks against the cache inside each attention layer, so it hands the
-    segment ids down instead of a mask.
+    segment ids down instead of a mask. With cross-attention, decoding passes `encoded_BSD`
+    on its first call only (its keys/values are cached then) and None after, with the
+    source's `encoder_segment_ids_BS` on every call.
     """
     cfg = self.config
     batch_size, length = x_BTD.shape[:2]
-    if (encoded_BSD is not None) != self.cross_attention:
-      raise ValueError('encoded_BSD is needed exactly when the decoder has cross-attention')
+    if encoded_BSD is not None and not self.cross_attention:
+      raise ValueError('encoded_BSD was given to a decoder without cross-attention')
+    if self.cross_attention and encoded_BSD is None and not decode:
+      raise ValueError('a decoder with cross-attention needs encoded_BSD')
     if decode and prefix_lengths_B is not None:
       raise NotImplementedError('prefix-LM decoding is not supported: run the prefix in '
                                 'a full forward pass')
     context = position_context(cfg, positions_BT, key_positions_BS, bidirectional=False)
+    cross_mask_B1TS = None
+    if self.cross_attention and encoder_segment_ids_BS is not None:
+      # Target segment k sees source segment k; padding queries (segment 0) see nothing.
+      q_segments_BT = (jnp.ones((batch_size, length), jnp.int32) if segment_ids_BT is None
+                       else segment_ids_BT)
+      cross_mask_B1TS = attention.segment_mask(q_segments_BT, encoder_segment_ids_BS)
     mask_B1TS = None
     if not decode:
       mask_B1TS = cfg.mask_pattern(attention.sequence_index(batch_size, length),
@@ -351,12 +401,6 @@ class Decoder(nn.Module):
       if segment_ids_BT is not None:
         mask_B1TS &= attention.segment_mask(segment_ids_BT)
       segment_ids_BT = None
-    cross_mask_B1TS = None
-    if encoded_BSD is not None and encoder_segment_ids_BS is not None:
-      # Queries of padding (segment 0) see nothing; others see their own segment's encoding.
-      q_segments_BT = (jnp.ones((batch_size, length), jnp.int32) if segment_ids_BT is None
-                       else segment_ids_BT)
-      cross_mask_B1TS = attention.segment_mask(q_segments_BT, encoder_segment_ids_BS)
     block_args = (mask_B1TS, segment_ids_BT, context, encoded_BSD, cross_mask_B1TS,
                   deterministic, decode)
     y_BTD, outputs = run_blocks(self, cfg, x_BTD, block_args,
