@@ -4,6 +4,11 @@
   python eval.py --workdir=DIR --step=400         # a given step
   python eval.py --workdir=DIR --watch            # each new checkpoint, until the final one
   python eval.py --workdir=DIR --prompt="In the beginning" --sampling=greedy,top_p
+  python eval.py --workdir=DIR --translate="In the beginning God created the heaven"
+
+A seq2seq run (config.data.task='seq2seq') is also scored by BLEU and chrF of beam search
+on each split, beside a copy-the-source baseline, and its translations are written to
+DIR/eval/translations_<split>_<step>.tsv (source, reference, translation).
 
 The config comes from the workdir (`config.json`, written by train.py). Checkpoints are
 restored onto whatever devices are present: the mesh becomes data-parallel over all of them.
@@ -29,6 +34,7 @@ from objectives import regression
 from training import baselines
 from training import checkpoint
 from training import loop
+from training import translation
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s workdir.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate; default the latest.')
@@ -45,6 +51,11 @@ _TOP_K = flags.DEFINE_integer('top_k', 40, 'k of top-k sampling.')
 _TOP_P = flags.DEFINE_float('top_p', 0.9, 'p of nucleus sampling.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 40, 'Tokens to generate per prompt.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_TRANSLATE = flags.DEFINE_multi_string('translate', [], 'Translate these sentences (seq2seq runs).')
+_BEAM = flags.DEFINE_integer('beam_size', None, 'Beam size for translation; default the config\'s.')
+_ALPHA = flags.DEFINE_float('alpha', None, 'Length penalty for translation; default the config\'s.')
+_MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 0,
+                                     'Translate only the first N pairs of each split (0: all).')
 _UNIGRAM = flags.DEFINE_bool('unigram_baseline', False,
                              'Also report the perplexity of a unigram model of the same tokens.')
 
@@ -121,16 +132,56 @@ class Evaluator:
     return results
 
 
+def translate_settings(config) -> translation.TranslateConfig:
+  """The run's decoding settings with the flags' overrides."""
+  settings = loop.translate_settings(config) or translation.TranslateConfig()
+  overrides = {'beam_size': _BEAM.value, 'alpha': _ALPHA.value}
+  return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def score_translations(evaluator: Evaluator, state, step: int,
+                       results: dict[str, dict[str, float]]) -> None:
+  """Adds BLEU/chrF (and the copy baseline's) to each split's results; writes the
+  translations beside them."""
+  settings = translate_settings(evaluator.config)
+  for split in _SPLITS.value:
+    print(f'translating {split} (beam {settings.beam_size}, alpha {settings.alpha}) ...',
+          flush=True)
+    with jax.set_mesh(evaluator.exp.mesh):
+      report, rows = translation.evaluate(evaluator.exp, state.params, split, settings,
+                                          _MAX_EXAMPLES.value, progress=True)
+    results[split].update({k: report[k] for k in ('bleu', 'chrf')})
+    results[f'{split} (copy the source)'] = {'bleu': report['copy_bleu'],
+                                             'chrf': report['copy_chrf']}
+    path = os.path.join(evaluator.workdir, 'eval', f'translations_{split}_{step}.tsv')
+    with open(path, 'w') as f:
+      f.write('source\treference\ttranslation\n')
+      for row in rows:
+        f.write('\t'.join(row[k].replace('\t', ' ') for k in ('source', 'reference',
+                                                               'translation')) + '\n')
+    print(f'wrote {len(rows)} translations to {path}')
+
+
+def translate_sentences(evaluator: Evaluator, state) -> None:
+  settings = translate_settings(evaluator.config)
+  with jax.set_mesh(evaluator.exp.mesh):
+    outputs = translation.translate(evaluator.exp, state.params, _TRANSLATE.value, settings)
+  print(f'\n[beam {settings.beam_size}, alpha {settings.alpha}]')
+  for source, output in zip(_TRANSLATE.value, outputs):
+    print(f'  {source!r} -> {output!r}')
+
+
 def print_table(step: int, results: dict[str, dict[str, float]], extra=None) -> None:
   """One row per split, one column per metric of the run's objective (any family's)."""
   names = list(dict.fromkeys(n for report in results.values() for n in report))
   width = max([10, *map(len, names)])
+  first = max([22, *map(len, results)])
   print(f'\nstep {step}')
-  print(f"| {'split':<22} | " + ' | '.join(f'{n:>{width}}' for n in names) + ' |')
-  print(f"|{'-' * 24}|" + '|'.join('-' * (width + 2) for _ in names) + '|')
+  print(f"| {'split':<{first}} | " + ' | '.join(f'{n:>{width}}' for n in names) + ' |')
+  print(f"|{'-' * (first + 2)}|" + '|'.join('-' * (width + 2) for _ in names) + '|')
   for split, report in results.items():
     cells = (f'{report[n]:>{width}.4f}' if n in report else ' ' * width for n in names)
-    print(f'| {split:<22} | ' + ' | '.join(cells) + ' |')
+    print(f'| {split:<{first}} | ' + ' | '.join(cells) + ' |')
   for label, value in (extra or {}).items():
     print(f'{label}: {value:.4f}')
 
@@ -219,7 +270,15 @@ def main(argv):
     data_dir = loop.pipeline.data_dir(evaluator.exp.data)
     for split in _SPLITS.value:
       results[f'{split} (baseline)'] = tasks.baseline(task, split, data_dir=data_dir)
+  seq2seq = evaluator.exp.data.task == 'seq2seq'
+  if seq2seq and _SPLITS.value:
+    score_translations(evaluator, state, step, results)
   print_table(step, results, extra)
+  if _TRANSLATE.value:
+    if not seq2seq:
+      raise ValueError(f'--translate needs a seq2seq run; {_WORKDIR.value} trains '
+                       f'{evaluator.config.model_name} on task {evaluator.exp.data.task!r}')
+    translate_sentences(evaluator, state)
   if _PROMPT.value:
     generate(evaluator, state)
 

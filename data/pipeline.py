@@ -61,8 +61,12 @@ class DataConfig:
   seed: int = 0
   # What rows are made of: 'lm' packs documents for language models (this module);
   # any other name is a task of data/tasks.py (nsp, full_sentences, paraphrase, glue/...)
-  # whose examples data/encoder_data.py batches.
+  # whose examples data/encoder_data.py batches; 'seq2seq' pairs `source_key` with
+  # `target_key` for encoder-decoders (data/seq2seq_data.py).
   task: str = 'lm'
+  source_key: str = ''   # seq2seq: the feature read as the source, e.g. 'en'
+  target_key: str = ''   # seq2seq: the feature read as the target, e.g. 'es'
+  targets_len: int = 0   # seq2seq: target row length (0: seq_len, the source's)
   # Published tokenizer files (tokenizer.json | vocab.txt | vocab.json + merges.txt) to
   # load instead of training one; for the wordpiece and byte_bpe tokenizers.
   tokenizer_path: str = ''
@@ -80,11 +84,24 @@ def data_dir(cfg: DataConfig) -> pathlib.Path:
   return pathlib.Path(cfg.data_dir or os.environ.get('CONTEXTUAL_DATA_DIR') or '.data')
 
 
+def text_keys(cfg: DataConfig) -> tuple[str, ...]:
+  """The features holding text: seq2seq's source and target, else `text_key`."""
+  if cfg.task == 'seq2seq':
+    for name in ('source_key', 'target_key'):
+      if not getattr(cfg, name):
+        raise ValueError(f"config.data.{name} must name a feature of {cfg.files or cfg.name!r}"
+                         " for task 'seq2seq'")
+    return (cfg.source_key, cfg.target_key)
+  return (cfg.text_key,)
+
+
 def dataset_slug(cfg: DataConfig) -> str:
-  """A file-name-safe name of the dataset and text feature, e.g. 'bible_en_es-en'."""
+  """A file-name-safe name of the dataset and text features, e.g. 'bible_en_es-en'; a
+  seq2seq pair's joint vocabulary is named by both, e.g. 'bible_en_es-en-es'."""
   base = text_files.slug(cfg.files) if cfg.files else cfg.name.replace('/', '_')
   base = base.replace(':', '-')
-  return base if cfg.text_key == 'text' else f'{base}-{cfg.text_key}'
+  keys = text_keys(cfg)
+  return base if keys == ('text',) else '-'.join((base, *keys))
 
 
 def data_source(cfg: DataConfig, split: str):
@@ -112,9 +129,12 @@ def data_source(cfg: DataConfig, split: str):
                               f'{data_dir(cfg)}: {e}\n{PREPARE_HINT} Catalog datasets: '
                               f'tfds.builder({cfg.name!r}, data_dir=DIR, file_format='
                               "'array_record').download_and_prepare().") from e
-  if len(source) and cfg.text_key not in source[0]:
-    raise KeyError(f'dataset {cfg.files or cfg.name!r} has no feature {cfg.text_key!r}; '
-                   f'text_key must be one of {sorted(source[0])}')
+  for key in text_keys(cfg) if len(source) else ():
+    if key not in source[0]:
+      field = 'text_key' if cfg.task != 'seq2seq' else (
+          'source_key' if key == cfg.source_key else 'target_key')
+      raise KeyError(f'dataset {cfg.files or cfg.name!r} has no feature {key!r}; '
+                     f'config.data.{field} must be one of {sorted(source[0])}')
   return source
 
 
@@ -136,10 +156,12 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer | subword.SubwordTokenizer:
   def texts():
     # SentencePiece samples _INPUT_SENTENCE_SIZE lines anyway; reading a catalog corpus of
     # millions of records one by one would take far longer than training, so take an
-    # evenly spaced subset of at most TOKENIZER_RECORDS.
+    # evenly spaced subset of at most TOKENIZER_RECORDS. A seq2seq pair trains one joint
+    # vocabulary on both sides.
     source = data_source(cfg, 'train')
     step = max(1, len(source) // TOKENIZER_RECORDS)
-    return (_text(source[i], cfg.text_key) for i in range(0, len(source), step))
+    return (_text(source[i], key) for i in range(0, len(source), step)
+            for key in text_keys(cfg))
 
   if cfg.tokenizer in subword.KINDS:
     return subword.load_or_train(cfg.tokenizer, cache / f'{stem}.json', texts, cfg.vocab_size,
@@ -201,7 +223,7 @@ def _packed_rows(ds: grain.MapDataset, tokenizer: Tokenizer, cfg: DataConfig,
   return ds.map(_rename)
 
 
-class _EpochShuffle(grain.MapDataset):
+class EpochShuffle(grain.MapDataset):
   """Endless epochs of the parent, each in its own permutation drawn from (seed, epoch).
 
   grain's `shuffle().repeat()` does the same with a memory-free index shuffle, but that
@@ -259,7 +281,7 @@ def host_rows(cfg: DataConfig, *, shard_index: int = 0, shard_count: int = 1,
   return rows
 
 
-class _KeepRows(grain.transforms.Map):
+class KeepRows(grain.transforms.Map):
   """global batch -> this host's rows of it."""
 
   def __init__(self, rows: np.ndarray):
@@ -291,14 +313,14 @@ def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, shard_index: int = 
   source = data_source(cfg, 'train')
   if len(source) == 0:
     raise ValueError(f'the training split of {cfg.files or cfg.name!r} holds no records')
-  ds = _packed_rows(_EpochShuffle(grain.MapDataset.source(source), seed=cfg.seed),
+  ds = _packed_rows(EpochShuffle(grain.MapDataset.source(source), seed=cfg.seed),
                     tokenizer, cfg, bins=cfg.batch_size)
   if SHUFFLE_WINDOW_ROWS > 1:
     ds = grain.experimental.WindowShuffleIterDataset(
         ds, window_size=SHUFFLE_WINDOW_ROWS, seed=cfg.seed)
   ds = ds.batch(cfg.batch_size, drop_remainder=True)
   if not np.array_equal(keep, np.arange(cfg.batch_size)):
-    ds = ds.map(_KeepRows(keep))
+    ds = ds.map(KeepRows(keep))
   return iter(ds)
 
 

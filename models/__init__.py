@@ -4,6 +4,7 @@ from models import block_sparse  # pylint: disable=unused-import  (registers its
 from models import bert
 from models import deberta
 from models import electra
+from models import encoder_decoder
 from models import gpt
 
 MODELS = {
@@ -12,6 +13,7 @@ MODELS = {
     'bert_classifier': (bert.BertClassifierConfig, bert.BertClassifier),
     'deberta': (deberta.DebertaConfig, deberta.DeBERTa),
     'electra': (electra.ElectraConfig, electra.Electra),
+    'encoder_decoder': (encoder_decoder.EncoderDecoderConfig, encoder_decoder.EncoderDecoder),
 }
 
 # What a fine-tuning run (`config.train.init_from`) takes from a pretraining run's

@@ -21,6 +21,7 @@ from objectives import electra
 from objectives import masked_lm
 from objectives import next_sentence
 from objectives import regression
+from objectives import seq2seq
 from objectives.masking import MaskedLM
 
 OBJECTIVES: dict[str, types.ModuleType] = {
@@ -31,6 +32,7 @@ OBJECTIVES: dict[str, types.ModuleType] = {
     'electra': electra,
     'classification': classification,
     'regression': regression,
+    'seq2seq': seq2seq,
 }
 
 
@@ -81,6 +83,8 @@ _SETTINGS: dict[str, Callable[..., Any]] = {
     'classification': lambda recipe, tokenizer, num_classes: classification.Classification(
         num_classes, **{k: recipe.pop(k) for k in ('positive_class',) if k in recipe}),
     'regression': lambda recipe, tokenizer, num_classes: regression.Regression(),
+    'seq2seq': lambda recipe, tokenizer, num_classes: seq2seq.Seq2Seq(
+        **{k: recipe.pop(k) for k in ('label_smoothing',) if k in recipe}),
 }
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from data import encoder_data
 from data import pipeline
+from data import seq2seq_data
 from data import tasks as tasks_lib
 import models
 import objectives
@@ -31,6 +32,7 @@ from training import optimizer as optimizer_lib
 from training import preemption
 from training import sharding
 from training import step as step_lib
+from training import translation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,8 @@ def build(config: ml_collections.ConfigDict, *, mesh_shape=None) -> Experiment:
     raise ValueError(f'config.data.batch_size={data_cfg.batch_size} must be divisible by the '
                      f'{divisor} ways the batch is split over the mesh and by the '
                      f'{jax.process_count()} hosts')
-  task = None if data_cfg.task == 'lm' else tasks_lib.get_task(data_cfg.task)
+  # 'lm' and 'seq2seq' rows are packed by their own pipelines; other tasks are examples.
+  task = None if data_cfg.task in ('lm', 'seq2seq') else tasks_lib.get_task(data_cfg.task)
   objective = objectives.build(config.objective, config.get('objective_settings'),
                                tokenizer=tokenizer,
                                num_classes=getattr(task, 'num_classes', None))
@@ -173,14 +176,20 @@ def process_rows(exp: Experiment) -> np.ndarray:
 
 
 def train_iterator(exp: Experiment, rows: np.ndarray):
-  """This process's rows of every training batch: packed LM rows or the task's examples."""
+  """This process's rows of every training batch: packed LM rows, packed sequence pairs,
+  or the task's examples."""
+  if exp.data.task == 'seq2seq':
+    return seq2seq_data.train_iterator(exp.data, exp.tokenizer, rows=rows)
   if exp.task is None:
     return pipeline.train_iterator(exp.data, exp.tokenizer, rows=rows)
   return encoder_data.task_train_iterator(exp.task, exp.data, exp.tokenizer, rows=rows)
 
 
 def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
-  if exp.task is None:
+  if exp.data.task == 'seq2seq':
+    batches = seq2seq_data.eval_batches(exp.data, exp.tokenizer, split, rows=process_rows(exp),
+                                        max_batches=exp.config.train.eval_batches)
+  elif exp.task is None:
     batches = pipeline.eval_batches(exp.data, exp.tokenizer, split, rows=process_rows(exp),
                                     max_batches=exp.config.train.eval_batches)
   else:
@@ -188,6 +197,29 @@ def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
                                              rows=process_rows(exp),
                                              max_batches=exp.config.train.eval_batches)
   return list(batches)
+
+
+def translation_scores(exp: Experiment, params) -> dict[str, float]:
+  """BLEU and chrF of beam search on the first `translate.eval_examples` validation pairs
+  (a seq2seq run whose config asks for them), else nothing."""
+  settings = translate_settings(exp.config)
+  if settings is None or not settings.eval_examples:
+    return {}
+  report, _ = translation.evaluate(exp, params, 'validation', settings, settings.eval_examples)
+  return {k: report[k] for k in ('bleu', 'chrf')}
+
+
+def translate_settings(config: ml_collections.ConfigDict) -> translation.TranslateConfig | None:
+  """The config's decoding settings (its `translate` block), if it has them."""
+  if 'translate' not in config:
+    return None
+  return translation.TranslateConfig(**config.translate)
+
+
+def _tokens(batch: dict[str, np.ndarray]) -> int:
+  """The real tokens of a batch that a step predicts: the targets' for sequence pairs."""
+  segment_ids = batch['segment_ids'] if 'segment_ids' in batch else batch['targets_segment_ids']
+  return int(np.sum(segment_ids != 0))
 
 
 def init_from(workdir: str, params, param_shardings, step: int | None = None):
@@ -324,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch = next(data_iter)
         state, step_metrics = train_step(state, sharding.global_batch(batch, batch_sharding))
         log.add(step, step_metrics,  # this host's tokens, scaled to the global batch
-                tokens=np.sum(batch['segment_ids'] != 0) * exp.data.batch_size / len(rows))
+                tokens=_tokens(batch) * exp.data.batch_size / len(rows))
         throttle(step_metrics)
         bar.update(1)
 
@@ -342,6 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
         if boundary['eval']:
           report = evaluate(exp, state.params, valid_batches, eval_step)
+          report.update(translation_scores(exp, state.params))
           writer.write(step, 'validation', report)
           bar.write(f'step {step}: validation ' + _format(report))
         if boundary['save']:

@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -26,20 +27,35 @@ class OptimizerConfig:
       raise ValueError(f'config.optimizer.warmup_steps={self.warmup_steps} must be >= 0')
 
 
-def _cosine(peak, end, steps):
+# A decay maps (peak, end value, steps after warmup, warmup steps) to a schedule of the
+# steps after warmup.
+
+
+def _cosine(peak, end, steps, warmup):
+  del warmup
   return optax.cosine_decay_schedule(peak, max(steps, 1), alpha=end / peak if peak else 0.0)
 
 
-def _linear(peak, end, steps):
+def _linear(peak, end, steps, warmup):
+  del warmup
   return optax.linear_schedule(peak, end, max(steps, 1))
 
 
-def _constant(peak, end, steps):
-  del end, steps
+def _constant(peak, end, steps, warmup):
+  del end, steps, warmup
   return optax.constant_schedule(peak)
 
 
-DECAYS = {'cosine': _cosine, 'linear': _linear, 'constant': _constant}
+def _rsqrt(peak, end, steps, warmup):
+  """peak · sqrt(warmup / step): Vaswani et al. 2017's d^-0.5 · min(step^-0.5,
+  step · warmup^-1.5) after its warmup, with the peak named instead of d^-0.5 · warmup^-0.5.
+  Decays forever, so `end_learning_rate_factor` does not apply."""
+  del end, steps
+  warmup = max(warmup, 1)
+  return lambda count: peak * jnp.sqrt(warmup / (warmup + count))
+
+
+DECAYS = {'cosine': _cosine, 'linear': _linear, 'constant': _constant, 'rsqrt': _rsqrt}
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedule:
@@ -47,7 +63,7 @@ def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedu
   peak = cfg.learning_rate
   end = peak * cfg.end_learning_rate_factor
   warmup = optax.linear_schedule(0.0, peak, max(cfg.warmup_steps, 1))
-  decay = DECAYS[cfg.decay](peak, end, num_steps - cfg.warmup_steps)
+  decay = DECAYS[cfg.decay](peak, end, num_steps - cfg.warmup_steps, cfg.warmup_steps)
   return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 

@@ -22,6 +22,17 @@ def test_schedule_warms_up_then_decays_to_the_end_value():
   assert np.isclose(float(linear(60)), 0.55)
 
 
+def test_rsqrt_is_vaswanis_schedule():
+  """d^-0.5 · min(step^-0.5, step · warmup^-1.5), the peak d^-0.5 · warmup^-0.5 named."""
+  d, warmup = 512, 16
+  peak = d ** -0.5 * warmup ** -0.5
+  lr = optimizer.learning_rate_schedule(_cfg(learning_rate=peak, warmup_steps=warmup,
+                                             decay='rsqrt'), num_steps=1000)
+  for step in (1, 8, 16, 17, 64, 999):
+    expected = d ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+    assert np.isclose(float(lr(step)), expected, rtol=1e-5), step
+
+
 def test_weight_decay_skips_norms_and_biases():
   params = {'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))},
             'norm': {'scale': jnp.ones((2,))}}
