@@ -115,6 +115,8 @@ def data_source(cfg: DataConfig, split: str):
     source = builder.as_data_source(split=split)
   else:
     import data.bible  # pylint: disable=g-import-not-at-top,unused-import  (registers `bible`)
+    # The WMT builders (wmt14_translate, wmt_t2t_translate, ...) register on import only.
+    import tensorflow_datasets.translate  # pylint: disable=g-import-not-at-top,unused-import
     try:
       tfds.builder_cls(cfg.name.split('/')[0].split(':')[0])
     except tfds.core.DatasetNotFoundError:

@@ -104,3 +104,18 @@ def test_bible_en_es_pairs(real_data_dir):
                             target_key='es', data_dir=str(real_data_dir))
   pairs = seq2seq_data.pair_texts(cfg, 'test', max_examples=3)
   assert len(pairs) == 3 and all(s and t for s, t in pairs)
+
+
+def test_a_tfds_translation_dataset_by_name(tmp_path):
+  """wmt14_translate/de-en through TFDS's mock data: its own features, a joint vocabulary."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  cfg = pipeline.DataConfig(name='wmt14_translate/de-en', task='seq2seq', source_key='de',
+                            target_key='en', data_dir=str(tmp_path), vocab_size=60,
+                            seq_len=16, batch_size=2)
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    tokenizer = pipeline.load_tokenizer(cfg)
+    batch = next(seq2seq_data.train_iterator(cfg, tokenizer))
+    pairs = seq2seq_data.pair_texts(cfg, 'validation', max_examples=2)
+  assert (tmp_path / 'tokenizers' / 'wmt14_translate_de-en-de-en_bpe_60.model').exists()
+  assert batch['inputs'].shape == (2, 16) and batch['targets_segment_ids'][0, 0] == 1
+  assert len(pairs) == 2
