@@ -51,25 +51,35 @@ def length_penalty(length: Array, alpha: float | Array) -> Array:
 # ------------------------------------------------------------------------ the cache
 
 
-def expand_cache(cache: Any, beam_size: int, batch_axis: int = 0) -> Any:
+BatchAxis = int | tuple[int, ...]
+
+
+def _map_batched(fn, cache: Any, batch_axis: BatchAxis) -> Any:
+  """`fn(leaf, axis)` on every leaf that has its batch axis; other leaves kept.
+
+  `batch_axis` is one axis for every leaf, or one per leaf in `jax.tree.leaves` order (a
+  model whose scanned layers hold the batch at axis 1 beside its own caches at axis 0).
+  """
+  leaves, treedef = jax.tree.flatten(cache)
+  axes = (batch_axis,) * len(leaves) if isinstance(batch_axis, int) else batch_axis
+  if len(axes) != len(leaves):
+    raise ValueError(f'batch_axis names {len(axes)} axes for a cache of {len(leaves)} leaves')
+  return jax.tree.unflatten(treedef, [leaf if leaf.ndim <= axis else fn(leaf, axis)
+                                      for leaf, axis in zip(leaves, axes)])
+
+
+def expand_cache(cache: Any, beam_size: int, batch_axis: BatchAxis = 0) -> Any:
   """Repeats every leaf with a batch axis K times, so row b*K + k is beam k of source b.
 
   Leaves with no axis `batch_axis` (step counters) are shared by all rows and kept.
   """
-  def expand(leaf):
-    if leaf.ndim <= batch_axis:
-      return leaf
-    return jnp.repeat(leaf, beam_size, axis=batch_axis)
-  return jax.tree.map(expand, cache)
+  return _map_batched(lambda leaf, axis: jnp.repeat(leaf, beam_size, axis=axis), cache,
+                      batch_axis)
 
 
-def gather_cache(cache: Any, rows_b: Array, batch_axis: int = 0) -> Any:
+def gather_cache(cache: Any, rows_b: Array, batch_axis: BatchAxis = 0) -> Any:
   """The cache of rows `rows_b` (int32 [b]) along `batch_axis`; counters are kept."""
-  def gather(leaf):
-    if leaf.ndim <= batch_axis:
-      return leaf
-    return jnp.take(leaf, rows_b, axis=batch_axis)
-  return jax.tree.map(gather, cache)
+  return _map_batched(lambda leaf, axis: jnp.take(leaf, rows_b, axis=axis), cache, batch_axis)
 
 
 # ---------------------------------------------------------------------- beam search
@@ -86,7 +96,7 @@ class _BeamState:
 
 
 def _advance(state: _BeamState, logits_bV: Array, *, beam_size: int, max_len: int,
-             batch_axis: int, eos_id: Array, alpha: Array) -> _BeamState:
+             batch_axis: BatchAxis, eos_id: Array, alpha: Array) -> _BeamState:
   """Extends every alive beam by one token: keeps the best finished and alive results."""
   num_sources, _, _ = state.alive_tokens_BKL.shape
   vocab = logits_bV.shape[-1]
@@ -198,7 +208,7 @@ def _check_positive(name: str, value: int) -> None:
 
 def beam_search(step_fn: StepFn, cache: Any, first_logits_BV: Array, *, beam_size: int,
                 max_len: int, eos_id: int, alpha: float = 0.6, num_return: int = 1,
-                batch_axis: int = 0, pad_id: int = 0) -> BeamOutput:
+                batch_axis: BatchAxis = 0, pad_id: int = 0) -> BeamOutput:
   """The `num_return` best hypotheses of each source under GNMT's length penalty.
 
   Each step extends the K alive beams of a source by every token and keeps the top 2K of
@@ -217,8 +227,8 @@ def beam_search(step_fn: StepFn, cache: Any, first_logits_BV: Array, *, beam_siz
     eos_id: the token that ends a hypothesis.
     alpha: the length penalty's exponent; 0 ranks by the raw log-probability.
     num_return: R, 1 <= R <= K hypotheses returned per source.
-    batch_axis: the cache's batch axis (1 with scanned layers); leaves with no such axis
-      are left as they are.
+    batch_axis: the cache's batch axis, or one per leaf in `jax.tree.leaves` order (1
+      under scanned layers, 0 elsewhere); leaves with no such axis are left as they are.
     pad_id: fills each hypothesis after its end.
 
   Returns:

@@ -58,9 +58,12 @@ def prime(model: nn.Module, params: Any, encoded: dict[str, Array], *, bos_id: i
   return step(model, params, cache, jnp.full((batch_size,), bos_id, jnp.int32), encoded)
 
 
-def cache_batch_axis(model: nn.Module) -> int:
-  """Where the cache's leaves hold the batch: 1 under scanned layers ('layers' first)."""
-  return 1 if getattr(model.config, 'scan_layers', False) else 0
+def cache_batch_axes(cache: Any) -> tuple[int, ...]:
+  """Each cache leaf's batch axis, in `jax.tree.leaves` order: 1 under scanned layers
+  (`nn.scan` puts 'layers' first), 0 for the rest (the decoder's own position caches)."""
+  paths = jax.tree_util.tree_flatten_with_path(cache)[0]
+  return tuple(1 if any(getattr(k, 'key', None) == 'blocks' for k in path) else 0
+               for path, _ in paths)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -78,7 +81,7 @@ def _translate(model, params, inputs_BS, segment_ids_BS, rng, alpha, *, max_len,
   out = beam_search.beam_search(step_fn, cache, first_logits_BV, beam_size=beam_size,
                                 max_len=max_len, eos_id=eos_id, alpha=alpha,
                                 num_return=num_return, pad_id=pad_id,
-                                batch_axis=cache_batch_axis(model))
+                                batch_axis=cache_batch_axes(cache))
   return out.tokens_BRL, out.scores_BR
 
 

@@ -134,3 +134,25 @@ def test_cross_attention_keys_are_projected_once_per_source():
 def test_bad_configs_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=f'EncoderDecoderConfig.{message}'):
     make(**{field: value})
+
+
+def _scanned(params, num_layers):
+  """An unrolled model's parameters for the same model with `scan_layers`."""
+  def stack(tree):
+    blocks = [tree.pop(f'block_{i}') for i in range(num_layers)]
+    return {**tree, 'blocks': jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+  return {**params, 'encoder': {'stack': stack(dict(params['encoder']['stack']))},
+          'decoder': {**params['decoder'], 'stack': stack(dict(params['decoder']['stack']))}}
+
+
+def test_beam_search_over_a_scanned_cache_matches_the_unrolled_model():
+  """Scanned layers hold the batch at axis 1 of the cache: beams must be gathered there."""
+  model, params = make()
+  scanned_model, _ = make(scan_layers=True)
+  inputs = jax.random.randint(jax.random.key(1), (2, S), 3, V)
+  kwargs = dict(max_len=T, bos_id=2, eos_id=1, beam_size=3, num_return=2)
+  tokens, scores = seq2seq_decoding.translate(model, params, inputs, **kwargs)
+  scanned_tokens, scanned_scores = seq2seq_decoding.translate(
+      scanned_model, _scanned(params, 2), inputs, **kwargs)
+  np.testing.assert_array_equal(scanned_tokens, tokens)
+  assert_close(scanned_scores, scores)
