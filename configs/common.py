@@ -58,6 +58,8 @@ def stack_settings(*, mask: str, **overrides) -> dict:
       relative_max_distance=128,
       rope_base=10000.0,
       sinusoid_scale=0.02,     # sinusoidal: amplitude, matched to the embeddings' init
+      sinusoid_layout='interleaved',  # sinusoidal: sin, cos pairs (the paper's PE(p, 2i),
+                               # PE(p, 2i+1)) | concatenated: [sin ... | cos ...] (Marian)
       window=0,                # sliding_window: slots each query sees
       block_size=0,            # bigbird / block_sparse tiles
       window_blocks=1, global_blocks=1, random_blocks=1, mask_seed=0,

@@ -62,10 +62,21 @@ class LearnedPositions(nn.Module):
     return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
 
 
-def sinusoidal(positions_BT: Array, features: int, base: float = 10000.0) -> Array:
-  """Vaswani et al. 2017: PE(p, 2i) = sin(p / base^(2i/D)), PE(p, 2i+1) = cos(...), float32."""
+SINUSOID_LAYOUTS = ('interleaved', 'concatenated')
+
+
+def sinusoidal(positions_BT: Array, features: int, base: float = 10000.0,
+               layout: str = 'interleaved') -> Array:
+  """Vaswani et al. 2017: PE(p, 2i) = sin(p / base^(2i/D)), PE(p, 2i+1) = cos(...), float32.
+
+  `layout='concatenated'` puts the same values as [sin of every frequency | cos of every
+  frequency] (tensor2tensor, fairseq, Marian).
+  """
   inv_freq_F = base ** (-jnp.arange(0, features, 2, dtype=jnp.float32) / features)
   angle_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
+  if layout == 'concatenated':  # Odd D: one more sin than cos, as Marian's table.
+    cos_BTF = jnp.cos(angle_BTF)[..., :features - angle_BTF.shape[-1]]
+    return jnp.concatenate([jnp.sin(angle_BTF), cos_BTF], axis=-1)
   pe_BTF2 = jnp.stack([jnp.sin(angle_BTF), jnp.cos(angle_BTF)], axis=-1)
   return pe_BTF2.reshape(*positions_BT.shape, -1)[..., :features]  # Odd D drops a cos.
 
@@ -171,13 +182,18 @@ class Sinusoidal(NoPositions):
   """
   name: ClassVar[str] = 'sinusoidal'
   sinusoid_scale: float = 0.02
+  sinusoid_layout: str = 'interleaved'  # or 'concatenated' (see `sinusoidal`)
 
   def __post_init__(self):
     _check_positive(self, 'sinusoid_scale', kind=(int, float))
+    if self.sinusoid_layout not in SINUSOID_LAYOUTS:
+      raise ValueError(f'sinusoid_layout must be one of {SINUSOID_LAYOUTS} for position '
+                       f'{self.name!r}, got {self.sinusoid_layout!r}')
 
   def embed(self, positions_BT, *, max_len, features, dtype, param_dtype):
     del max_len, param_dtype
-    x_BTD = (self.sinusoid_scale * sinusoidal(positions_BT, features)).astype(dtype)
+    x_BTD = self.sinusoid_scale * sinusoidal(positions_BT, features, layout=self.sinusoid_layout)
+    x_BTD = x_BTD.astype(dtype)
     return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
 
 

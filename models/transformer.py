@@ -71,6 +71,7 @@ class TransformerConfig:
   relative_max_distance: int = 128  # t5, deberta: where the log-spaced buckets end.
   rope_base: float = 10000.0  # rope: the wavelengths' base.
   sinusoid_scale: float = 0.02  # sinusoidal: amplitude, the size of the token embeddings.
+  sinusoid_layout: str = 'interleaved'  # sinusoidal: interleaved | concatenated (Marian).
   # The self-attention mask: a name in attention.MASKS, in the stack's variant (causal in
   # a decoder). Its settings (each mask takes those it names).
   mask: str = 'causal'
