@@ -6,6 +6,7 @@ from models import deberta
 from models import electra
 from models import encoder_decoder
 from models import gpt
+from models import rnn_seq2seq
 
 MODELS = {
     'gpt': (gpt.GPTConfig, gpt.GPT),
@@ -14,6 +15,7 @@ MODELS = {
     'deberta': (deberta.DebertaConfig, deberta.DeBERTa),
     'electra': (electra.ElectraConfig, electra.Electra),
     'encoder_decoder': (encoder_decoder.EncoderDecoderConfig, encoder_decoder.EncoderDecoder),
+    'rnn_seq2seq': (rnn_seq2seq.RNNSeq2SeqConfig, rnn_seq2seq.RNNSeq2Seq),
 }
 
 # What a fine-tuning run (`config.train.init_from`) takes from a pretraining run's

@@ -572,14 +572,17 @@ class RNNSeq2Seq(nn.Module):
     self.decoder = RNNDecoder(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def __call__(self, inputs_BS: Array, decoder_inputs_BT: Array, *,
+  def __call__(self, inputs_BS: Array, decoder_inputs_BT: Array | None = None, *,
                inputs_segment_ids_BS: Array | None = None,
                inputs_positions_BS: Array | None = None,
                targets_segment_ids_BT: Array | None = None,
                targets_positions_BT: Array | None = None,
                deterministic: bool = True) -> Array:
     """Teacher-forced logits `[B, T, V]` float32; `decoder_inputs_BT` are the targets
-    shifted right with BOS at each segment start (the caller builds them)."""
+    shifted right with BOS at each segment start (the caller builds them). None decodes
+    the inputs themselves (so `init(rng, inputs)` works as for any family)."""
+    if decoder_inputs_BT is None:
+      decoder_inputs_BT = inputs_BS
     encoded = self.encode(inputs_BS, segment_ids_BS=inputs_segment_ids_BS,
                           positions_BS=inputs_positions_BS, deterministic=deterministic)
     return self.decode(decoder_inputs_BT, encoded, segment_ids_BT=targets_segment_ids_BT,

@@ -82,3 +82,17 @@ def test_eval_scores_splits_beside_the_copy_baseline_and_translates_sentences(ru
   written = os.path.join(workdir, 'eval', 'translations_test_8.tsv')
   lines = open(written).read().splitlines()
   assert lines[0] == 'source\treference\ttranslation' and len(lines) == 9
+
+
+def test_an_rnn_with_attention_trains_and_translates_with_beam_search(tmp_path):
+  """The RNN era on the same pipeline, objective and decoding as the Transformer."""
+  from configs import bottleneck_study  # pylint: disable=g-import-not-at-top
+  config = bottleneck_study.get_config('variant=rnn_bahdanau,num_steps=4')
+  config.unlock()
+  config.data.update(vocab_size=512, seq_len=32, targets_len=32, batch_size=8)
+  config.model.update(vocab_size=512, max_len=32, embed_dim=16, hidden_dim=16)
+  config.train.update(eval_batches=1)
+  config.translate.update(max_len=6, batch_size=4, beam_size=2, eval_examples=4)
+  config.lock()
+  report = loop.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(report['loss']) and np.isfinite(report['bleu'])

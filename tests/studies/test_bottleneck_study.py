@@ -1,0 +1,51 @@
+"""The bottleneck study: its configs, length buckets, and the page from recorded results."""
+
+import json
+import os
+
+import pytest
+
+from configs import bottleneck_study as study_config
+from studies import bottleneck_study
+from training import checkpoint
+from training import sweep
+
+
+def test_every_variant_builds_the_same_data_and_steps():
+  configs = {v: study_config.get_config(f'variant={v},seed=1') for v in study_config.VARIANTS}
+  assert {c.model_name for c in configs.values()} == {'rnn_seq2seq', 'encoder_decoder'}
+  assert len({json.dumps(c.data.to_dict(), sort_keys=True) for c in configs.values()}) == 1
+  assert len({c.train.num_steps for c in configs.values()}) == 1
+  assert configs['rnn_none'].model.attention == 'none'
+  assert configs['rnn_luong'].model.input_feeding
+  assert len(study_config.sweep()) == len(study_config.VARIANTS) * len(study_config.SEEDS)
+  with pytest.raises(ValueError, match='unknown variant'):
+    study_config.get_config('variant=gru')
+
+
+def test_buckets_by_source_words():
+  assert [bottleneck_study.bucket_of(' '.join(['w'] * n)) for n in (1, 10, 11, 35, 51, 90)] \
+      == [0, 0, 1, 3, 5, 5]
+  assert bottleneck_study.bucket_name(0) == '1-10' and bottleneck_study.bucket_name(5) == '> 50'
+
+
+def _fake_point(workdir, name, bleu, buckets):
+  os.makedirs(os.path.join(workdir, name))
+  checkpoint.write_json(sweep.result_path(workdir, name), {'train_seconds': 10.0})
+  checkpoint.write_json(os.path.join(workdir, name, bottleneck_study.TEST), {
+      'recipe': {}, 'bleu': bleu, 'chrf': 2 * bleu, 'copy_bleu': 1.0, 'examples': 30,
+      'params': 1000, 'decode_seconds': 1.0,
+      'buckets': {b: {'bleu': v, 'count': 10} for b, v in buckets.items()}})
+
+
+def test_report_reads_the_recorded_scores(tmp_path):
+  workdir = str(tmp_path)
+  for seed, shift in enumerate((0.0, 1.0)):
+    _fake_point(workdir, f'rnn_none-s{seed}', 5.0 + shift, {'1-10': 9.0 + shift, '11-20': 4.0})
+    _fake_point(workdir, f'transformer-s{seed}', 8.0 + shift, {'1-10': 9.0, '11-20': 8.0 + shift})
+  out = str(tmp_path / 'page.md')
+  bottleneck_study.write_report(bottleneck_study.Settings(seeds=2), workdir, out)
+  page = open(out).read()
+  assert '| RNN, no attention | 2 | 1,000 | 10 ± 0 | 5.50 ± 0.71 |' in page
+  assert 'a drop of 5.5 BLEU' in page and 'a drop of 0.5 BLEU' in page
+  assert os.path.exists(str(tmp_path / 'page.png'))
