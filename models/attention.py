@@ -689,18 +689,23 @@ class MultiHeadAttention(nn.Module):
     """Cross-attention's keys and values in decode mode, projected once per source.
 
     With `kv_BSD` (the first decode call, and `init`) they are projected and cached; with
-    None (every later step) they are read back. Stored `[B, S, N, H]`: written once, read
-    as they are.
+    None (every later step) they are read back. Stored `[B, N, S, H]` as the self-attention
+    cache is, for the same reason: that is the layout the score and value einsums read
+    (stored `[B, S, N, H]`, XLA:CPU transposed every layer's source keys and values at
+    every step, most of a beam-search step's time).
     """
     if kv_BSD is not None:
       k_BSNH, v_BSNH = self._project_in('key', kv_BSD), self._project_in('value', kv_BSD)
-      self.put_variable('cache', 'source_key', k_BSNH)
-      self.put_variable('cache', 'source_value', v_BSNH)
+      self.put_variable('cache', 'source_key', jnp.swapaxes(k_BSNH, 1, 2))
+      self.put_variable('cache', 'source_value', jnp.swapaxes(v_BSNH, 1, 2))
       return k_BSNH, v_BSNH
     if not self.has_variable('cache', 'source_key'):
       raise ValueError('cross-attention in decode mode: the first call must pass the source '
                        '(kv_BSD) so that its keys and values are cached')
-    return self.get_variable('cache', 'source_key'), self.get_variable('cache', 'source_value')
+    k_BNSH, v_BNSH = self.get_variable('cache', 'source_key'), self.get_variable(
+        'cache', 'source_value')
+    # Views in the kernels' [B, S, N, H]; XLA folds the swap into the einsums.
+    return jnp.swapaxes(k_BNSH, 1, 2), jnp.swapaxes(v_BNSH, 1, 2)
 
   def _update_cache(self, k_BTNH: Array, v_BTNH: Array,
                     segment_ids_BT: Array | None) -> tuple[Array, Array, Array | None]:

@@ -34,24 +34,34 @@ def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
   return targets, weights.astype(jnp.float32)
 
 
+def log_partition(logits_BTV: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logsumexp over the vocabulary (float32 `[B, T]`), and the max that steadies it."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
+  sum_exp_BT = jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1)
+  return max_BT + jnp.log(sum_exp_BT), max_BT
+
+
+def target_logit(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """logits[target] per position, picked by comparing the vocabulary index with the target
+  rather than by a gather: the gradient is then one elementwise pass over the logits
+  instead of a scatter into a [B, T, V] buffer of zeros."""
+  vocab_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, 2)
+  return jnp.sum(jnp.where(vocab_BTV == targets_BT[..., None], logits_BTV, 0.0), axis=-1)
+
+
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
   """−log softmax(logits)[target] per position (float32), and whether the target is a
   most likely token (ties count as right).
 
       −log p(target) = logsumexp(logits) − logits[target]
 
-  The target's logit is picked by comparing the vocabulary index with the target rather
-  than by a gather, so the gradient, softmax − one-hot, is one elementwise pass over the
-  logits instead of a scatter into a [B, T, V] buffer of zeros. The max that steadies the
-  logsumexp is the same max the accuracy compares against.
+  The max that steadies the logsumexp is the same max the accuracy compares against.
   """
   logits_BTV = logits_BTV.astype(jnp.float32)
-  max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
-  sum_exp_BT = jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1)
-  vocab_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, 2)
-  target_logit_BT = jnp.sum(jnp.where(vocab_BTV == targets_BT[..., None], logits_BTV, 0.0),
-                            axis=-1)
-  return max_BT + jnp.log(sum_exp_BT) - target_logit_BT, target_logit_BT >= max_BT
+  log_z_BT, max_BT = log_partition(logits_BTV)
+  target_logit_BT = target_logit(logits_BTV, targets_BT)
+  return log_z_BT - target_logit_BT, target_logit_BT >= max_BT
 
 
 def loss_fn(params: Any, batch: Batch, rng: jax.Array, *, model, deterministic: bool = False):

@@ -46,14 +46,19 @@ def apply_model(params: Any, batch: Batch, rng: jax.Array, *, model,
 
 def smoothed_sums(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
                   label_smoothing: float) -> dict[str, jax.Array]:
-  """Summed smoothed loss, unsmoothed NLL, correct predictions and weight."""
-  nll_BT, correct_BT = causal_lm.cross_entropy(logits_BTV, targets_BT)
+  """Summed smoothed loss, unsmoothed NLL, correct predictions and weight.
+
+  With log Z = logsumexp(logits), −log p(v) = log Z − logit_v, so the smoothed loss is
+  log Z − (1 − ε)·logit_y − ε·mean_v logit_v: one pass of exponentials serves both terms.
+  """
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  log_z_BT, max_BT = causal_lm.log_partition(logits_BTV)
+  target_BT = causal_lm.target_logit(logits_BTV, targets_BT)
+  nll_BT, correct_BT = log_z_BT - target_BT, target_BT >= max_BT
   loss_BT = nll_BT
   if label_smoothing:
-    # mean_v −log p(v) = logsumexp − mean_v logits.
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    uniform_BT = (jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.mean(logits_BTV, axis=-1))
-    loss_BT = (1.0 - label_smoothing) * nll_BT + label_smoothing * uniform_BT
+    loss_BT = (log_z_BT - (1.0 - label_smoothing) * target_BT
+               - label_smoothing * jnp.mean(logits_BTV, axis=-1))
   return {'loss_sum': jnp.sum(loss_BT * weights_BT), 'nll_sum': jnp.sum(nll_BT * weights_BT),
           'correct': jnp.sum(correct_BT * weights_BT), 'weight': jnp.sum(weights_BT)}
 

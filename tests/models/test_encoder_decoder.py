@@ -116,7 +116,7 @@ def test_cross_attention_keys_are_projected_once_per_source():
   encoded = model.apply({'params': params}, inputs, method='encode')
   _, cache = seq2seq_decoding.prime(model, params, encoded, bos_id=2, max_len=T)
   layer = cache['decoder']['stack']['block_0']['cross_attention']
-  assert layer['source_key'].shape == (2, S, 2, 8)
+  assert layer['source_key'].shape == (2, 2, S, 8)  # [B, N, S, H]: the einsums' layout
   # A step reads the cached keys: zeroing them changes the step's logits.
   step = lambda c: seq2seq_decoding.step(model, params, c, jnp.full((2,), 5))[0]
   zeroed = jax.tree_util.tree_map_with_path(

@@ -94,6 +94,24 @@ def test_embed_lookup_and_tied_attend_in_float32():
   assert np.abs(unrounded - expected).max() > 1e-4 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_tied_logits_gradient_equals_autodiff_of_the_einsum(dtype):
+  # The hand-written backward against jax's derivative of the plain einsum, for both the
+  # activations and the table, with a non-trivial cotangent; in bfloat16 the gradients keep
+  # their inputs' dtypes (the float32 logit gradients are rounded to bfloat16 first, as
+  # mixed precision does, hence the looser bound there).
+  x, table = _normal(1, (2, 5, 8)).astype(dtype), _normal(2, (11, 8)).astype(dtype)
+  dlogits = _normal(3, (2, 5, 11))
+  plain = lambda x, t: jnp.einsum('btd,vd->btv', x, t, preferred_element_type=jnp.float32)
+  out, vjp = jax.vjp(layers.tied_logits, x, table)
+  expected_out, expected_vjp = jax.vjp(plain, x, table)
+  np.testing.assert_array_equal(out, expected_out)
+  for got, want in zip(vjp(dlogits), expected_vjp(dlogits)):
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    tolerances.assert_close(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                            **(dict(rtol=1e-2, scale=1e-2) if dtype == jnp.bfloat16 else {}))
+
+
 def test_learned_positions_look_up_explicit_positions():
   module = positions.LearnedPositions(max_len=6, features=4)
   restart = jnp.array([[0, 1, 2, 0, 1]])  # A second packed document restarts at 0.
