@@ -17,6 +17,7 @@ Dims: B sources, K beams per source, C = 2K candidates per source and step, R hy
 returned per source, V vocabulary, L max_len; b any number of rows (B·K inside the search).
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -51,21 +52,31 @@ def length_penalty(length: Array, alpha: float | Array) -> Array:
 # ------------------------------------------------------------------------ the cache
 
 
-BatchAxis = int | tuple[int, ...]
+@dataclasses.dataclass(frozen=True)
+class PerSource:
+  """A cache leaf whose rows depend on the source only (cross-attention's keys and values,
+  the source's segment ids), batch at `axis`: repeated for the K beams once, never
+  reordered, since a surviving beam's parent is always a beam of the same source."""
+  axis: int = 0
+
+
+LeafAxis = int | PerSource
+BatchAxis = LeafAxis | tuple[LeafAxis, ...]
 
 
 def _map_batched(fn, cache: Any, batch_axis: BatchAxis) -> Any:
-  """`fn(leaf, axis)` on every leaf that has its batch axis; other leaves kept.
+  """`fn(leaf, spec)` on every leaf that has its batch axis; other leaves kept.
 
-  `batch_axis` is one axis for every leaf, or one per leaf in `jax.tree.leaves` order (a
+  `batch_axis` is one spec for every leaf, or one per leaf in `jax.tree.leaves` order (a
   model whose scanned layers hold the batch at axis 1 beside its own caches at axis 0).
   """
   leaves, treedef = jax.tree.flatten(cache)
-  axes = (batch_axis,) * len(leaves) if isinstance(batch_axis, int) else batch_axis
-  if len(axes) != len(leaves):
-    raise ValueError(f'batch_axis names {len(axes)} axes for a cache of {len(leaves)} leaves')
-  return jax.tree.unflatten(treedef, [leaf if leaf.ndim <= axis else fn(leaf, axis)
-                                      for leaf, axis in zip(leaves, axes)])
+  specs = batch_axis if isinstance(batch_axis, tuple) else (batch_axis,) * len(leaves)
+  if len(specs) != len(leaves):
+    raise ValueError(f'batch_axis names {len(specs)} axes for a cache of {len(leaves)} leaves')
+  axis = lambda spec: spec.axis if isinstance(spec, PerSource) else spec
+  return jax.tree.unflatten(treedef, [leaf if leaf.ndim <= axis(spec) else fn(leaf, spec)
+                                      for leaf, spec in zip(leaves, specs)])
 
 
 def expand_cache(cache: Any, beam_size: int, batch_axis: BatchAxis = 0) -> Any:
@@ -73,13 +84,19 @@ def expand_cache(cache: Any, beam_size: int, batch_axis: BatchAxis = 0) -> Any:
 
   Leaves with no axis `batch_axis` (step counters) are shared by all rows and kept.
   """
-  return _map_batched(lambda leaf, axis: jnp.repeat(leaf, beam_size, axis=axis), cache,
-                      batch_axis)
+  def repeat(leaf, spec):
+    return jnp.repeat(leaf, beam_size, axis=spec.axis if isinstance(spec, PerSource) else spec)
+  return _map_batched(repeat, cache, batch_axis)
 
 
 def gather_cache(cache: Any, rows_b: Array, batch_axis: BatchAxis = 0) -> Any:
-  """The cache of rows `rows_b` (int32 [b]) along `batch_axis`; counters are kept."""
-  return _map_batched(lambda leaf, axis: jnp.take(leaf, rows_b, axis=axis), cache, batch_axis)
+  """The cache of rows `rows_b` (int32 [b], in bounds) along `batch_axis`; counters and
+  `PerSource` leaves are kept."""
+  def gather(leaf, spec):
+    # mode='clip': the rows are in bounds, and clamping is cheaper than filling.
+    return leaf if isinstance(spec, PerSource) else jnp.take(leaf, rows_b, axis=spec,
+                                                            mode='clip')
+  return _map_batched(gather, cache, batch_axis)
 
 
 # ---------------------------------------------------------------------- beam search
@@ -228,7 +245,8 @@ def beam_search(step_fn: StepFn, cache: Any, first_logits_BV: Array, *, beam_siz
     alpha: the length penalty's exponent; 0 ranks by the raw log-probability.
     num_return: R, 1 <= R <= K hypotheses returned per source.
     batch_axis: the cache's batch axis, or one per leaf in `jax.tree.leaves` order (1
-      under scanned layers, 0 elsewhere); leaves with no such axis are left as they are.
+      under scanned layers, 0 elsewhere; `PerSource(axis)` for a leaf no beam changes,
+      which is then never reordered); leaves with no such axis are left as they are.
     pad_id: fills each hypothesis after its end.
 
   Returns:

@@ -166,6 +166,10 @@ class EncoderDecoder(nn.Module):
   """`encode` the source once, `decode` the targets against it; `__call__` does both
   (teacher forcing). The seq2seq protocol of models/seq2seq_decoding.py."""
   config: EncoderDecoderConfig
+  # The decode cache's leaves that depend on the source only (beam search never
+  # reorders them).
+  source_cache: ClassVar[frozenset[str]] = frozenset(
+      {'source_key', 'source_value', 'source_segment_ids'})
 
   def setup(self):
     cfg = self.config

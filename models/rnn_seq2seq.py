@@ -60,7 +60,7 @@ width: 2H bidirectional, else H), X (the decoder's output vector), V (vocabulary
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -553,6 +553,10 @@ class RNNSeq2Seq(nn.Module):
   """An RNN encoder-decoder with the seq2seq protocol of the Transformer's (encode,
   decode, teacher-forced __call__); returns float32 logits."""
   config: RNNSeq2SeqConfig
+  # The decode cache's leaves that depend on the source only (beam search never
+  # reorders them): the attention memory and the source's segment ids.
+  source_cache: ClassVar[frozenset[str]] = frozenset(
+      {'keys_BSH', 'values_BSC', 'segment_ids_BS', 'segment_ids_B'})
 
   def setup(self):
     cfg = self.config

@@ -58,12 +58,17 @@ def prime(model: nn.Module, params: Any, encoded: dict[str, Array], *, bos_id: i
   return step(model, params, cache, jnp.full((batch_size,), bos_id, jnp.int32), encoded)
 
 
-def cache_batch_axes(cache: Any) -> tuple[int, ...]:
+def cache_batch_axes(cache: Any, source_cache: frozenset[str] = frozenset()
+                     ) -> tuple[beam_search.LeafAxis, ...]:
   """Each cache leaf's batch axis, in `jax.tree.leaves` order: 1 under scanned layers
-  (`nn.scan` puts 'layers' first), 0 for the rest (the decoder's own position caches)."""
-  paths = jax.tree_util.tree_flatten_with_path(cache)[0]
-  return tuple(1 if any(getattr(k, 'key', None) == 'blocks' for k in path) else 0
-               for path, _ in paths)
+  (`nn.scan` puts 'layers' first), 0 for the rest (the decoder's own position caches);
+  leaves named in `source_cache` (the model's) are `PerSource`, never reordered."""
+  specs = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(cache)[0]:
+    names = [getattr(k, 'key', None) for k in path]
+    axis = 1 if 'blocks' in names else 0
+    specs.append(beam_search.PerSource(axis) if names[-1] in source_cache else axis)
+  return tuple(specs)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -81,7 +86,8 @@ def _translate(model, params, inputs_BS, segment_ids_BS, rng, alpha, *, max_len,
   out = beam_search.beam_search(step_fn, cache, first_logits_BV, beam_size=beam_size,
                                 max_len=max_len, eos_id=eos_id, alpha=alpha,
                                 num_return=num_return, pad_id=pad_id,
-                                batch_axis=cache_batch_axes(cache))
+                                batch_axis=cache_batch_axes(
+                                    cache, getattr(model, 'source_cache', frozenset())))
   return out.tokens_BRL, out.scores_BR
 
 
