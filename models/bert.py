@@ -209,8 +209,8 @@ class BERT(nn.Module):
     h_BTE = _norm(cfg, 'mlm_ln')(h_BTE)
     bias_V = self.param('mlm_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
                         (cfg.vocab_size,), cfg.storage_dtype)
-    logits_BTV = jnp.einsum('bte,ve->btv', h_BTE, table_VE.astype(cfg.compute_dtype),
-                            preferred_element_type=jnp.float32)
+    logits_BTV = layers.tied_logits(h_BTE.astype(cfg.compute_dtype),
+                                    table_VE.astype(cfg.compute_dtype))
     logits_BTV = nn.with_logical_constraint(logits_BTV, ('batch', 'length', 'vocab'))
     return logits_BTV + bias_V.astype(jnp.float32)
 
