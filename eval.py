@@ -273,7 +273,8 @@ def main(argv):
   seq2seq = evaluator.exp.data.task == 'seq2seq'
   if seq2seq and _SPLITS.value:
     score_translations(evaluator, state, step, results)
-  print_table(step, results, extra)
+  if results or extra:  # --splits= with --translate or --prompt: no table to print
+    print_table(step, results, extra)
   if _TRANSLATE.value:
     if not seq2seq:
       raise ValueError(f'--translate needs a seq2seq run; {_WORKDIR.value} trains '
