@@ -220,6 +220,18 @@ def reading(rows: dict[str, list[dict]]) -> list[str]:
   return lines
 
 
+def partial_note(rows: dict[str, list[dict]], settings: Settings) -> list[str]:
+  """A line naming the points still missing, when the study has not finished."""
+  done = sum(len(seeds) for seeds in rows.values())
+  expected = len(rows) * settings.seeds
+  if done == expected:
+    return []
+  missing = ', '.join(f'{TITLES[v]} {settings.seeds - len(s)}' for v, s in rows.items()
+                      if len(s) < settings.seeds)
+  return [f'**Partial: {done} of {expected} runs finished** (missing seeds: {missing}); '
+          're-run the command to resume, finished runs are skipped.', '']
+
+
 def write_report(settings: Settings, workdir: str, out: str) -> None:
   rows = collect(settings, workdir)
   if not any(rows.values()):
@@ -246,6 +258,7 @@ def write_report(settings: Settings, workdir: str, out: str) -> None:
        'BLEU on the detokenised outputs; buckets by the English source\'s word count '
        '(verses in each in parentheses). Seeds change the initialisation and the batch '
        'order.'), '',
+      *partial_note(rows, settings),
       *table(rows), '',
       f'![BLEU by source length]({os.path.basename(image)})', '',
       '## Reading (computed from the table)', '', *reading(rows), '',

@@ -49,3 +49,11 @@ def test_report_reads_the_recorded_scores(tmp_path):
   assert '| RNN, no attention | 2 | 1,000 | 10 ± 0 | 5.50 ± 0.71 |' in page
   assert 'a drop of 5.5 BLEU' in page and 'a drop of 0.5 BLEU' in page
   assert os.path.exists(str(tmp_path / 'page.png'))
+  # Two of the four variants ran: the page says the study is partial, and what is missing.
+  assert ('Partial: 4 of 8 runs finished** (missing seeds: RNN + Bahdanau 2, '
+          'RNN + Luong (general) 2)') in page
+  # With every variant's seed 0 done, a one-seed page is complete.
+  for variant in ('rnn_bahdanau', 'rnn_luong'):
+    _fake_point(workdir, f'{variant}-s0', 6.0, {'1-10': 9.0, '11-20': 5.0})
+  bottleneck_study.write_report(bottleneck_study.Settings(seeds=1), workdir, out)
+  assert 'Partial' not in open(out).read()
