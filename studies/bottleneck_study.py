@@ -5,6 +5,7 @@ table and a plot.
 
   python -m studies.bottleneck_study --workdir=workdirs/study-bottleneck
   python -m studies.bottleneck_study --workdir=... --report_only     # the page from what ran
+  python -m studies.bottleneck_study --workdir=... --variants=transformer   # some models only
 
 Layout: WORKDIR/<variant>-s<seed>/ is a training run (training/sweep.py: a finished point
 holds result.json and is skipped); its test scores go to WORKDIR/<variant>-s<seed>/test.json
@@ -114,8 +115,10 @@ def test_scores(point: sweep.Point, workdir: str, settings: Settings) -> dict:
   return result
 
 
-def run(settings: Settings, workdir: str) -> None:
-  todo = points(settings)
+def run(settings: Settings, workdir: str,
+        variants: tuple[str, ...] = study_config.VARIANTS) -> None:
+  """Trains and scores every unfinished point of `variants` (the page covers them all)."""
+  todo = [p for p in points(settings) if p.name.rsplit('-s', 1)[0] in variants]
   for i, point in enumerate(todo, 1):
     if sweep.read_result(workdir, point.name) is None:
       print(f'[{i}/{len(todo)}] {point.name}: training', flush=True)
@@ -281,12 +284,18 @@ def main(argv=None) -> None:
   parser.add_argument('--beam_size', type=int, default=Settings.beam_size)
   parser.add_argument('--max_examples', type=int, default=Settings.max_examples)
   parser.add_argument('--report_only', action='store_true')
+  parser.add_argument('--variants', default=','.join(study_config.VARIANTS),
+                      help='run only these models (comma-separated); the page shows every '
+                           'finished run')
   args = parser.parse_args(argv)
+  variants = tuple(args.variants.split(','))
+  if not set(variants) <= set(study_config.VARIANTS):
+    parser.error(f'--variants must name some of {", ".join(study_config.VARIANTS)}')
   logging.set_verbosity(logging.WARNING)
   settings = Settings(seeds=args.seeds, num_steps=args.num_steps, beam_size=args.beam_size,
                       max_examples=args.max_examples)
   if not args.report_only:
-    run(settings, args.workdir)
+    run(settings, args.workdir, variants)
   write_report(settings, args.workdir, args.out)
 
 

@@ -59,3 +59,17 @@ def test_report_reads_the_recorded_scores(tmp_path):
   _fake_point(workdir, 'rnn_luong-s0', 6.0, {'1-10': 9.0, '11-20': 5.0})
   bottleneck_study.write_report(bottleneck_study.Settings(seeds=1), workdir, out)
   assert 'Partial' not in open(out).read()
+
+
+def test_run_trains_only_the_named_variants(tmp_path, monkeypatch):
+  trained, scored = [], []
+  monkeypatch.setattr(bottleneck_study.sweep, 'run_point',
+                      lambda point, workdir: trained.append(point.name) or {'train_seconds': 1})
+  monkeypatch.setattr(bottleneck_study, 'test_scores',
+                      lambda point, workdir, settings: scored.append(point.name) or {'bleu': 1})
+  bottleneck_study.run(bottleneck_study.Settings(seeds=2, num_steps=4), str(tmp_path),
+                       ('transformer', 'rnn_luong'))
+  assert trained == scored == ['rnn_luong-s0', 'rnn_luong-s1', 'transformer-s0',
+                               'transformer-s1']
+  with pytest.raises(SystemExit):
+    bottleneck_study.main([f'--workdir={tmp_path}', '--variants=transformer,lstm'])
