@@ -57,12 +57,20 @@ class EncoderDecoderConfig(transformer.TransformerConfig):
   # Vaswani et al. sec. 3.4: embeddings × sqrt(D). Their table then starts at N(0, 1/D), so
   # the scaled embeddings are about unit size, as the unit sinusoids added to them.
   scale_embeddings: bool = True
+  # BART: a norm over each side's embeddings (tokens + positions), before dropout.
+  embed_norm: bool = False
+  # T5 v1.0: the tied projection reads the decoder's output × D^-1/2 (its table starts at
+  # N(0, 1) and is not scaled on input, so the logits would otherwise grow as sqrt(D)).
+  scale_tied_output: bool = False
 
   def __post_init__(self):
     for name in ('vocab_size', 'max_len'):
       self._check_positive_int(name)
     if self.num_decoder_layers:
       self._check_positive_int('num_decoder_layers')
+    if self.scale_tied_output and not self.tie_output:
+      self._fail('scale_tied_output=True scales the tied output projection; it needs '
+                 f'{self._name("tie_output")}=True')
     super().__post_init__()
     try:
       self.encoder_stack  # pylint: disable=pointless-statement
@@ -98,6 +106,10 @@ def _embed(module: nn.Module, cfg: EncoderDecoderConfig, table: layers.Embed,
       param_dtype=cfg.storage_dtype)
   if position_BTD is not None:
     x_BTD = x_BTD + position_BTD
+  if cfg.embed_norm:
+    x_BTD = layers.NORMS[cfg.norm](
+        epsilon=cfg.norm_epsilon, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+        param_dtype=cfg.storage_dtype, name='ln_embed')(x_BTD)
   return nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
 
 
@@ -142,6 +154,8 @@ class TargetDecoder(nn.Module):
         encoder_segment_ids_BS=source_segment_ids_BS, deterministic=deterministic,
         decode=decode).hidden_BTD
     if cfg.tie_output:
+      if cfg.scale_tied_output:
+        y_BTD = y_BTD * cfg.embed_dim ** -0.5
       return self.table.attend(y_BTD)
     logits_BTV = nn.DenseGeneral(
         cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
