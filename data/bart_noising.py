@@ -169,3 +169,34 @@ def noise(tokens, seed: Seed, recipe: BartNoising, *, mask_id: int,
   if recipe.rotate:
     out = rotate(out, (*seed, 4))
   return out
+
+
+# The spec's names of BartNoising's fields: a rate takes '=value', a flag stands alone.
+_SPEC_RATES = {'mask': 'mask_rate', 'delete': 'delete_rate', 'infill': 'infill_rate',
+               'lambda': 'poisson_lambda'}
+_SPEC_FLAGS = {'permute': 'permute_sentences', 'rotate': 'rotate'}
+
+
+def parse(spec: str) -> BartNoising:
+  """A recipe from a config string: comma-separated 'mask=0.3', 'delete=0.3',
+  'infill=0.3', 'lambda=3', 'permute', 'rotate'; '' or 'none' is the identity.
+
+    parse('infill=0.3,permute')  # BART's best: BartNoising(infill_rate=0.3, permute...)
+  """
+  fields = {}
+  for item in filter(None, (s.strip() for s in spec.split(','))):
+    if item == 'none':
+      continue
+    name, eq, value = item.partition('=')
+    if name in _SPEC_FLAGS and not eq:
+      fields[_SPEC_FLAGS[name]] = True
+    elif name in _SPEC_RATES and eq:
+      try:
+        fields[_SPEC_RATES[name]] = float(value)
+      except ValueError:
+        raise ValueError(f'noising {spec!r}: {name}={value!r} is not a number') from None
+    else:
+      known = [f'{n}=RATE' for n in _SPEC_RATES] + list(_SPEC_FLAGS)
+      raise ValueError(f'noising {spec!r}: cannot read {item!r}; items are '
+                       f'{", ".join(known)} (or none)')
+  return BartNoising(**fields)

@@ -44,6 +44,8 @@ FEATURES = ('inputs', 'segment_ids', 'positions')
 SHUFFLE_WINDOW_ROWS = 1024
 # At most this many training records are read to train a tokenizer.
 TOKENIZER_RECORDS = 200_000
+# Encoder-decoder pretraining tasks (data/denoising_data.py), which read `text_key`.
+DENOISING_TASKS = ('span_corruption', 'prefix_lm', 'mlm_denoising', 'bart_denoising')
 PREPARE_HINT = 'Prepare it with `make data` or `python -m data.prepare --data_dir=DIR`.'
 
 
@@ -77,6 +79,13 @@ class DataConfig:
   # Tasks: train on the first k examples of the training split only (0: all), e.g. to
   # repeat a small corpus for many epochs, as a static-masking study needs.
   train_examples: int = 0
+  # Encoder-decoder pretraining (data/denoising_data.py): the tasks span_corruption,
+  # prefix_lm, mlm_denoising (T5's comparison) and bart_denoising corrupt the documents of
+  # `text_key`, which may name several features ('en,es': each is a document of its own).
+  noise_density: float = 0.15  # span_corruption, mlm_denoising: the share of tokens noised
+  mean_span_length: float = 3.0  # span_corruption
+  extra_ids: int = 0  # sentinels: ids above the tokenizer's (model vocab = tokenizer + these)
+  noising: str = 'infill=0.3,permute'  # bart_denoising: data/bart_noising.parse
 
 
 def data_dir(cfg: DataConfig) -> pathlib.Path:
@@ -86,6 +95,12 @@ def data_dir(cfg: DataConfig) -> pathlib.Path:
 
 def text_keys(cfg: DataConfig) -> tuple[str, ...]:
   """The features holding text: seq2seq's source and target, else `text_key`."""
+  if cfg.task in DENOISING_TASKS:
+    keys = tuple(k.strip() for k in cfg.text_key.split(','))
+    if not all(keys):
+      raise ValueError(f'config.data.text_key={cfg.text_key!r} must name features, '
+                       "comma-separated (e.g. 'en,es')")
+    return keys
   if cfg.task == 'seq2seq':
     for name in ('source_key', 'target_key'):
       if not getattr(cfg, name):
@@ -169,8 +184,17 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer | subword.SubwordTokenizer:
     return subword.load_or_train(cfg.tokenizer, cache / f'{stem}.json', texts, cfg.vocab_size,
                                  pretrained=cfg.tokenizer_path)
   if cfg.tokenizer_path:
-    raise ValueError(f'config.data.tokenizer_path loads {"/".join(subword.KINDS)} tokenizers, '
-                     f'not config.data.tokenizer={cfg.tokenizer!r}')
+    # A sentencepiece model of another run (a pretraining run whose vocabulary a
+    # fine-tuning run on other data must keep).
+    if not os.path.isfile(cfg.tokenizer_path):
+      raise FileNotFoundError(f'config.data.tokenizer_path={cfg.tokenizer_path!r}: no such '
+                              f'file (a sentencepiece .model for tokenizer={cfg.tokenizer!r})')
+    tokenizer = Tokenizer.load(cfg.tokenizer_path)
+    if tokenizer.vocab_size != cfg.vocab_size:
+      raise ValueError(f'config.data.tokenizer_path={cfg.tokenizer_path!r} holds '
+                       f'{tokenizer.vocab_size} pieces, but config.data.vocab_size='
+                       f'{cfg.vocab_size}')
+    return tokenizer
   return tokenizer_lib.get_or_train(cache / f'{stem}.model', texts, model_type=cfg.tokenizer,
                                     vocab_size=cfg.vocab_size)
 

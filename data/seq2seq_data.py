@@ -25,6 +25,7 @@ global batches and keeps its own rows, and the iterator's state is checkpointabl
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import grain
 import numpy as np
@@ -85,14 +86,39 @@ class _DecoderInputs(grain.transforms.Map):
     return row
 
 
-def _packed_rows(ds: grain.MapDataset, tokenizer, cfg: pipeline.DataConfig) -> grain.IterDataset:
+class PairTask(Protocol):
+  """What turns records into unpacked pairs: translation pairs (`TextPairs`), or the
+  corrupted documents of encoder-decoder pretraining (data/denoising_data.py)."""
+
+  def lengths(self) -> tuple[int, int]:
+    """(S, T): the source's and the target's row lengths."""
+
+  def pairs(self, records: grain.MapDataset) -> grain.IterDataset:
+    """records (index i of the stream: a record's place in it) -> {'inputs', 'targets'}."""
+
+
+class TextPairs:
+  """The source and target features of each record, tokenized (`cfg.source_key`,
+  `cfg.target_key`)."""
+
+  def __init__(self, tokenizer, cfg: pipeline.DataConfig):
+    self._tokenizer, self._cfg = tokenizer, cfg
+
+  def lengths(self) -> tuple[int, int]:
+    return lengths(self._cfg)
+
+  def pairs(self, records: grain.MapDataset) -> grain.IterDataset:
+    return records.map(_TokenizePair(self._tokenizer, self._cfg)).to_iter_dataset(_READ)
+
+
+def _packed_rows(records: grain.MapDataset, tokenizer, cfg: pipeline.DataConfig,
+                 task: PairTask) -> grain.IterDataset:
   """records -> packed rows of both sides (dicts of FEATURES)."""
-  source_len, target_len = lengths(cfg)
-  ds = ds.map(_TokenizePair(tokenizer, cfg)).to_iter_dataset(_READ)
+  source_len, target_len = task.lengths()
   # One batch worth of open rows, as pipeline._packed_rows: little padding, and rows stay
   # close to the order of the shuffled records.
   ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={'inputs': source_len, 'targets': target_len},
+      task.pairs(records), length_struct={'inputs': source_len, 'targets': target_len},
       num_packing_bins=cfg.batch_size, shuffle_bins=False)
   return ds.map(_DecoderInputs(tokenizer.bos_id))
 
@@ -105,12 +131,14 @@ def _source(cfg: pipeline.DataConfig, split: str):
 
 
 def train_iterator(cfg: pipeline.DataConfig, tokenizer, *, shard_index: int = 0,
-                   shard_count: int = 1, rows=None) -> grain.DatasetIterator:
-  """Endless global batches of packed pairs (this host's rows of each, pipeline.host_rows)."""
+                   shard_count: int = 1, rows=None, task: PairTask | None = None
+                   ) -> grain.DatasetIterator:
+  """Endless global batches of packed pairs (this host's rows of each, pipeline.host_rows);
+  `task` makes the pairs (default: `TextPairs`)."""
   keep = pipeline.host_rows(cfg, shard_index=shard_index, shard_count=shard_count, rows=rows)
   records = pipeline.EpochShuffle(grain.MapDataset.source(_source(cfg, 'train')),
                                   seed=cfg.seed)
-  ds = _packed_rows(records, tokenizer, cfg)
+  ds = _packed_rows(records, tokenizer, cfg, task or TextPairs(tokenizer, cfg))
   if pipeline.SHUFFLE_WINDOW_ROWS > 1:
     ds = grain.experimental.WindowShuffleIterDataset(
         ds, window_size=pipeline.SHUFFLE_WINDOW_ROWS, seed=cfg.seed)
@@ -125,15 +153,17 @@ class EvalBatches:
   is padded with all-zero rows (segment id 0: no weight)."""
 
   def __init__(self, cfg: pipeline.DataConfig, tokenizer, split: str, *, shard_index: int = 0,
-               shard_count: int = 1, rows=None, max_batches: int = 0):
+               shard_count: int = 1, rows=None, max_batches: int = 0,
+               task: PairTask | None = None):
     self._cfg, self._tokenizer, self._max_batches = cfg, tokenizer, max_batches
+    self._task = task or TextPairs(tokenizer, cfg)
     self._rows = pipeline.host_rows(cfg, shard_index=shard_index, shard_count=shard_count,
                                     rows=rows)
     self._source = _source(cfg, split)
 
   def __iter__(self) -> Iterator[Batch]:
     cfg = self._cfg
-    ds = _packed_rows(grain.MapDataset.source(self._source), self._tokenizer, cfg)
+    ds = _packed_rows(grain.MapDataset.source(self._source), self._tokenizer, cfg, self._task)
     for count, batch in enumerate(ds.batch(cfg.batch_size, drop_remainder=False)):
       if self._max_batches and count >= self._max_batches:
         return

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
+from data import denoising_data
 from data import encoder_data
 from data import pipeline
 from data import seq2seq_data
@@ -73,8 +74,10 @@ def build(config: ml_collections.ConfigDict, *, mesh_shape=None) -> Experiment:
     raise ValueError(f'config.data.batch_size={data_cfg.batch_size} must be divisible by the '
                      f'{divisor} ways the batch is split over the mesh and by the '
                      f'{jax.process_count()} hosts')
-  # 'lm' and 'seq2seq' rows are packed by their own pipelines; other tasks are examples.
-  task = None if data_cfg.task in ('lm', 'seq2seq') else tasks_lib.get_task(data_cfg.task)
+  # 'lm' and the pair tasks' rows are packed by their own pipelines; other tasks are
+  # examples.
+  task = None if data_cfg.task == 'lm' or is_pairs(data_cfg) else tasks_lib.get_task(
+      data_cfg.task)
   objective = objectives.build(config.objective, config.get('objective_settings'),
                                tokenizer=tokenizer,
                                num_classes=getattr(task, 'num_classes', None))
@@ -175,20 +178,35 @@ def process_rows(exp: Experiment) -> np.ndarray:
   return np.concatenate([np.arange(*r) for r in rows])
 
 
+def is_pairs(data_cfg: pipeline.DataConfig) -> bool:
+  """Whether the rows are packed (source, target) pairs: translation pairs or the
+  corrupted documents of encoder-decoder pretraining."""
+  return data_cfg.task == 'seq2seq' or data_cfg.task in pipeline.DENOISING_TASKS
+
+
+def pair_task(data_cfg: pipeline.DataConfig, tokenizer) -> seq2seq_data.PairTask | None:
+  """What makes the pairs: the task's corruption, or (None) the records' own pairs."""
+  if data_cfg.task in pipeline.DENOISING_TASKS:
+    return denoising_data.denoising_task(data_cfg, tokenizer)
+  return None
+
+
 def train_iterator(exp: Experiment, rows: np.ndarray):
   """This process's rows of every training batch: packed LM rows, packed sequence pairs,
   or the task's examples."""
-  if exp.data.task == 'seq2seq':
-    return seq2seq_data.train_iterator(exp.data, exp.tokenizer, rows=rows)
+  if is_pairs(exp.data):
+    return seq2seq_data.train_iterator(exp.data, exp.tokenizer, rows=rows,
+                                       task=pair_task(exp.data, exp.tokenizer))
   if exp.task is None:
     return pipeline.train_iterator(exp.data, exp.tokenizer, rows=rows)
   return encoder_data.task_train_iterator(exp.task, exp.data, exp.tokenizer, rows=rows)
 
 
 def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
-  if exp.data.task == 'seq2seq':
+  if is_pairs(exp.data):
     batches = seq2seq_data.eval_batches(exp.data, exp.tokenizer, split, rows=process_rows(exp),
-                                        max_batches=exp.config.train.eval_batches)
+                                        max_batches=exp.config.train.eval_batches,
+                                        task=pair_task(exp.data, exp.tokenizer))
   elif exp.task is None:
     batches = pipeline.eval_batches(exp.data, exp.tokenizer, split, rows=process_rows(exp),
                                     max_batches=exp.config.train.eval_batches)
