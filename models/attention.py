@@ -595,7 +595,7 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x_BTD: Array, kv_BSD: Array | None = None, *,
                mask_B1TS: Array | None = None, segment_ids_BT: Array | None = None,
                position_context: Any = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
+               decode: bool = False, prefix_lengths_B: Array | None = None) -> Array:
     """Attends from `x_BTD` to itself, or to `kv_BSD` (cross-attention).
 
     Args:
@@ -604,11 +604,15 @@ class MultiHeadAttention(nn.Module):
       mask_B1TS: boolean mask, True = may attend. Not used in decode mode.
       segment_ids_BT: decode mode only: segment ids of the new tokens (0 = padding),
         cached beside their keys so that later queries skip padded slots.
+      prefix_lengths_B: decode mode only, for the 'prefix_lm' `mask` (which needs it on
+        every call): each row's prefix length in cache slots. A query in the prefix sees
+        the whole prefix, keys after its own included: write the prefix in one call.
       deterministic: disables dropout.
       decode: causal self-attention over a KV cache in the 'cache' collection. The first
         call (inside `init`) shapes the cache from `x_BTD` (`[B, N, S_max, H]`); each later
         call writes a chunk of T >= 1 new tokens at `cache_index` and attends to every
-        cached slot up to its own (and of the same segment) that `mask` lets it see.
+        cached slot up to its own (or in its row's prefix, for 'prefix_lm'; and of the
+        same segment) that `mask` lets it see.
         With `cross`: a call with `kv_BSD` projects the source's keys and values once and
         caches them; a call with `kv_BSD=None` attends to the cached ones (`mask_B1TS`,
         built by the caller from the source's segment ids, may be given).
@@ -625,6 +629,9 @@ class MultiHeadAttention(nn.Module):
     if segment_ids_BT is not None and not self_decode:
       raise ValueError('segment_ids_BT is for self-attention in decode mode; otherwise fold '
                        'segments into mask_B1TS with segment_mask()')
+    if prefix_lengths_B is not None and not self_decode:
+      raise ValueError('prefix_lengths_B is for self-attention in decode mode; otherwise '
+                       'build mask_B1TS with prefix_lm_mask()')
     if kv_BSD is not None and self_decode:
       raise ValueError('decode mode caches self-attention; a layer attending to a source '
                        'needs cross=True')
@@ -642,7 +649,8 @@ class MultiHeadAttention(nn.Module):
       # Before the cache: cached keys keep the rotation of their own position (RoPE).
       q_BTNH, k_BSNH = self.position.rotate(q_BTNH, k_BSNH, position_context, decode=decode)
     if self_decode:
-      k_BSNH, v_BSNH, mask_B1TS = self._update_cache(k_BSNH, v_BSNH, segment_ids_BT)
+      k_BSNH, v_BSNH, mask_B1TS = self._update_cache(k_BSNH, v_BSNH, segment_ids_BT,
+                                                     prefix_lengths_B)
 
     dropout = None
     if self.dropout_rate > 0 and not deterministic:
@@ -707,8 +715,8 @@ class MultiHeadAttention(nn.Module):
     # Views in the kernels' [B, S, N, H]; XLA folds the swap into the einsums.
     return jnp.swapaxes(k_BNSH, 1, 2), jnp.swapaxes(v_BNSH, 1, 2)
 
-  def _update_cache(self, k_BTNH: Array, v_BTNH: Array,
-                    segment_ids_BT: Array | None) -> tuple[Array, Array, Array | None]:
+  def _update_cache(self, k_BTNH: Array, v_BTNH: Array, segment_ids_BT: Array | None,
+                    prefix_lengths_B: Array | None) -> tuple[Array, Array, Array | None]:
     """Writes the new keys/values at `cache_index`; returns the whole cache and its mask.
 
     The cache is stored `[B, N, S_max, H]`, heads before slots: the layout the score and
@@ -717,6 +725,9 @@ class MultiHeadAttention(nn.Module):
     decode step's time.) One shared `cache_index`: batched prompts of different lengths
     are left-padded, their padding marked by segment id 0. Writing past S_max is not
     checked (XLA clamps the slice): size the cache for the whole generation.
+
+    The mask is `mask`'s over cache slots (a 'prefix_lm' one with `prefix_lengths_B` in
+    slots too), and slots not yet written have segment id 0, so nothing sees them.
     """
     initialized = self.has_variable('cache', 'cached_key')
     batch_size, length = k_BTNH.shape[:2]
@@ -745,7 +756,8 @@ class MultiHeadAttention(nn.Module):
     cache_len = cached_key.value.shape[2]
     mask = CausalMask() if self.mask is None else self.mask
     mask_B1TS = (
-        mask(sequence_index(batch_size, length, index), sequence_index(batch_size, cache_len))
+        mask(sequence_index(batch_size, length, index), sequence_index(batch_size, cache_len),
+             prefix_lengths_B=prefix_lengths_B)
         & segment_mask(segment_ids_BT, cached_segment_ids.value))
     # Views in the kernels' [B, S, N, H]; XLA folds the swap into the einsums.
     return (jnp.swapaxes(cached_key.value, 1, 2), jnp.swapaxes(cached_value.value, 1, 2),

@@ -11,6 +11,12 @@ same as when its prompt is decoded alone. Models must take GPT's decode interfac
 `model.apply(vars, tokens_BT, segment_ids_BT=, positions_BT=, decode=True,
 mutable=['cache'])` and have `config.max_len`.
 
+A prefix LM (`config.mask == 'prefix_lm'`, T5's decoder-only prefix LM) reads its prompt
+as the prefix: each prompt token sees the row's whole prompt, the new tokens are causal.
+The prefix length of a row is its prompt's length; in the left-aligned cache every
+prompt ends at slot P, so `generate` passes `prefix_lengths_B` = P (cache slots) on every
+call, and the prompt is written in one call. Other masks decode as before.
+
 Dims as in attention.py, plus P (prompt width), V (vocabulary), L (new tokens).
 """
 
@@ -141,11 +147,25 @@ def left_align(tokens_BP: Array, lengths_B: Array, pad_id: int) -> tuple[Array, 
   return tokens_BP, real_BP.astype(jnp.int32), jnp.where(real_BP, source_BP, 0)
 
 
-def _apply_decode(model, params, cache, tokens_BT, segment_ids_BT, positions_BT):
+def _prompt_prefix_lengths(model: nn.Module, batch_size: int, width: int) -> Array | None:
+  """A prefix LM's prefix in the cache: each row's left-aligned prompt, so slots < P.
+
+  The padding before a shorter prompt lies inside, masked by its segment id 0. None when
+  the model's mask is not 'prefix_lm' (its decode calls take no prefix lengths).
+  """
+  if getattr(model.config, 'mask', None) != 'prefix_lm':
+    return None
+  return jnp.full((batch_size,), width, jnp.int32)
+
+
+def _apply_decode(model, params, cache, tokens_BT, segment_ids_BT, positions_BT,
+                  prefix_lengths_B=None):
   """One decode call: logits of the chunk `[B, T, V]` and the updated cache."""
+  # Only a prefix LM gets prefix lengths: other models need not take the argument.
+  prefix = {} if prefix_lengths_B is None else {'prefix_lengths_B': prefix_lengths_B}
   logits_BTV, variables = model.apply(
       {'params': params, 'cache': cache}, tokens_BT, segment_ids_BT=segment_ids_BT,
-      positions_BT=positions_BT, decode=True, mutable=['cache'])
+      positions_BT=positions_BT, decode=True, mutable=['cache'], **prefix)
   return logits_BTV, variables['cache']
 
 
@@ -158,9 +178,10 @@ def _generate(model, params, tokens_BP, lengths_B, rng, eos_id, pad_id, *, max_n
   """
   batch_size, width = tokens_BP.shape
   tokens_BP, segment_ids_BP, positions_BP = left_align(tokens_BP, lengths_B, pad_id)
+  prefix_lengths_B = _prompt_prefix_lengths(model, batch_size, width)
   cache = init_cache(model, batch_size, width + max_new_tokens)
   logits_BPV, cache = _apply_decode(model, params, cache, tokens_BP, segment_ids_BP,
-                                    positions_BP)
+                                    positions_BP, prefix_lengths_B)
   # Left alignment puts every row's last prompt token in the last slot.
   next_B = sampler(jax.random.fold_in(rng, 0), logits_BPV[:, -1])
 
@@ -174,8 +195,10 @@ def _generate(model, params, tokens_BP, lengths_B, rng, eos_id, pad_id, *, max_n
     # Feeds the token generated at step-1, which sits at position length + step - 1.
     step, cache, out_BL, last_B, done_B = state
     positions_B1 = (lengths_B + step - 1)[:, None]
+    # A prefix LM's new tokens lie past the prefix, so its mask is causal for them.
     logits_B1V, cache = _apply_decode(model, params, cache, last_B[:, None],
-                                      jnp.ones_like(positions_B1), positions_B1)
+                                      jnp.ones_like(positions_B1), positions_B1,
+                                      prefix_lengths_B)
     next_B = sampler(jax.random.fold_in(rng, step), logits_B1V[:, 0])
     next_B = jnp.where(done_B, pad_id, next_B)
     out_BL = out_BL.at[:, step].set(next_B)
@@ -207,6 +230,10 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]] | A
              eos_id: int | None = None, pad_id: int = 0,
              prompt_lengths: Array | None = None) -> Array:
   """Continues each prompt by up to `max_new_tokens` tokens.
+
+  A prefix LM (`model.config.mask == 'prefix_lm'`) reads each prompt as its prefix,
+  bidirectionally, as a full forward pass with `prefix_lengths_B` = the prompt lengths
+  does; the caller passes nothing extra.
 
   Args:
     model: a GPT-like module (see the module docstring).

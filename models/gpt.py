@@ -54,7 +54,9 @@ class GPT(nn.Module):
       positions_BT: position ids (restarting at 0 per packed document). None: 0..T-1, or
         in decode mode the cache's next positions.
       prefix_lengths_B: with `mask='prefix_lm'`, the length of each row's prefix, read
-        bidirectionally (Raffel et al. 2020); not in decode mode. Other masks take None.
+        bidirectionally (Raffel et al. 2020). Other masks take None. In decode mode it
+        counts cache slots and goes with every call, and the call that writes the prefix
+        writes all of it (`decoding.generate` passes the prompts as the prefix).
       deterministic: disables dropout (pass rngs={'dropout': ...} otherwise).
       decode: run over the KV cache in the 'cache' collection (see
         `attention.MultiHeadAttention`): `init` with a `[B, S_max]` dummy input shapes it,

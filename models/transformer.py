@@ -169,7 +169,8 @@ class Block(nn.Module):
 
   Arguments are positional so that `nn.remat` can mark the Python flags static
   (`static_argnums` counts `self`), and a block inside `nn.scan` (`scanned=True`) returns
-  the scan's (carry, output) pair, the output being the layer's hidden state.
+  the scan's (carry, output) pair, the output being the layer's hidden state. In decode
+  mode, a 'prefix_lm' mask's `prefix_lengths_B` (cache slots) go to the self-attention.
   """
   config: TransformerConfig
   mask: Any  # the self-attention Mask: its causal variant in a decoder
@@ -182,7 +183,8 @@ class Block(nn.Module):
                segment_ids_BT: Array | None = None,
                position_context: relative.PositionContext | None = None,
                encoded_BSD: Array | None = None, cross_mask_B1TS: Array | None = None,
-               deterministic: bool = True, decode: bool = False):
+               deterministic: bool = True, decode: bool = False,
+               prefix_lengths_B: Array | None = None):
     cfg = self.config
     dtype, param_dtype = cfg.compute_dtype, cfg.storage_dtype
     init = nn.initializers.normal(stddev=cfg.init_stddev)
@@ -212,7 +214,8 @@ class Block(nn.Module):
     x_BTD = sublayer(x_BTD, 'ln_attention', lambda h_BTD: attention_layer(
         'attention', position=cfg.position_scheme, mask=self.mask)(
             h_BTD, mask_B1TS=mask_B1TS, segment_ids_BT=segment_ids_BT,
-            position_context=position_context, deterministic=deterministic, decode=decode))
+            position_context=position_context, deterministic=deterministic, decode=decode,
+            prefix_lengths_B=prefix_lengths_B))
     if self.cross_attention:
       # Positions enter through the self-attention alone (as in T5 and BART); cross-
       # attention sees the whole encoding, masked only by padding and segments. Decoding,
@@ -375,9 +378,11 @@ class Decoder(nn.Module):
     """Args as GPT's; `key_positions_BS` are the keys' position ids (the cache's in decode).
 
     Decoding masks against the cache inside each attention layer, so it hands the
-    segment ids down instead of a mask. With cross-attention, decoding passes `encoded_BSD`
-    on its first call only (its keys/values are cached then) and None after, with the
-    source's `encoder_segment_ids_BS` on every call.
+    segment ids down instead of a mask, and a 'prefix_lm' mask's `prefix_lengths_B` too:
+    then counted in cache slots, given on every call, the whole prefix written by one
+    call (usually the prompt's, see decoding.py). With cross-attention, decoding passes
+    `encoded_BSD` on its first call only (its keys/values are cached then) and None after,
+    with the source's `encoder_segment_ids_BS` on every call.
     """
     cfg = self.config
     batch_size, length = x_BTD.shape[:2]
@@ -385,9 +390,6 @@ class Decoder(nn.Module):
       raise ValueError('encoded_BSD was given to a decoder without cross-attention')
     if self.cross_attention and encoded_BSD is None and not decode:
       raise ValueError('a decoder with cross-attention needs encoded_BSD')
-    if decode and prefix_lengths_B is not None:
-      raise NotImplementedError('prefix-LM decoding is not supported: run the prefix in '
-                                'a full forward pass')
     context = position_context(cfg, positions_BT, key_positions_BS, bidirectional=False)
     cross_mask_B1TS = None
     if self.cross_attention and encoder_segment_ids_BS is not None:
@@ -401,9 +403,9 @@ class Decoder(nn.Module):
                                    prefix_lengths_B=prefix_lengths_B)
       if segment_ids_BT is not None:
         mask_B1TS &= attention.segment_mask(segment_ids_BT)
-      segment_ids_BT = None
+      segment_ids_BT = prefix_lengths_B = None
     block_args = (mask_B1TS, segment_ids_BT, context, encoded_BSD, cross_mask_B1TS,
-                  deterministic, decode)
+                  deterministic, decode, prefix_lengths_B)
     y_BTD, outputs = run_blocks(self, cfg, x_BTD, block_args,
                                 cross_attention=self.cross_attention,
                                 hidden_states=hidden_states)

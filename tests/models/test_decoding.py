@@ -155,20 +155,6 @@ def test_sampling_is_reproducible_and_in_range(lm):
   assert not np.array_equal(others[0], others[1])
 
 
-def test_decoding_with_the_prefix_lm_mask_is_refused():
-  """The KV cache cannot give a prefix bidirectional attention: decode mode says so."""
-  model = gpt.GPT(gpt.GPTConfig(vocab_size=24, max_len=24, num_layers=1, num_heads=2,
-                                embed_dim=16, mlp_dim=32, mask='prefix_lm'))
-  tokens = jnp.array([[5, 3, 8, 1]])
-  prefix = jnp.array([2])
-  variables = model.init(jax.random.key(0), tokens, prefix_lengths_B=prefix)
-  model.apply(variables, tokens, prefix_lengths_B=prefix)  # the full forward pass works
-  cache = model.init(jax.random.key(0), tokens, decode=True)['cache']
-  with pytest.raises(NotImplementedError, match='prefix-LM decoding is not supported'):
-    model.apply({'params': variables['params'], 'cache': cache}, tokens,
-                prefix_lengths_B=prefix, decode=True, mutable=['cache'])
-
-
 def test_generation_longer_than_max_len_is_refused(lm):
   model, params = lm
   with pytest.raises(ValueError, match='max_len=24'):
