@@ -11,9 +11,12 @@ warming the allocator) and whatever methods the driver calls as `side(method, ar
 
 import contextlib
 import dataclasses
+import json
 import multiprocessing
 import os
 import platform
+import statistics
+import sys
 import time
 
 import numpy as np
@@ -130,6 +133,109 @@ def machine_line() -> str:
   return f'Machine: {metrics.describe_machine()}, Python {platform.python_version()}'
 
 
+def measure_rounds(sides: dict, rounds: int, matmul_repeats: int,
+                   timed: dict[str, tuple[int, str]]) -> dict[tuple[str, str], list[float]]:
+  """{(side, what): samples}: in each of `rounds` rounds, every side in turn (the first
+  rotating) measures its best matmul rate ('matmul', GFLOP/s) and then each `what` of
+  `timed` ({what: (repeats, label)}, a method returning seconds per call); a line of
+  medians per round, the measures named by their labels."""
+  samples = {(name, what): [] for name in sides for what in ('matmul', *timed)}
+  for r in range(rounds):
+    for name in round_order(list(sides), r):
+      samples[name, 'matmul'].append(sides[name]('matmul', matmul_repeats))
+      for what, (repeats, _) in timed.items():
+        samples[name, what].extend(sides[name](what, repeats))
+    labels = ', '.join(label for _, label in timed.values())
+    print(f'round {r + 1}/{rounds}: {labels} ' + ', '.join(
+        f'{name} ' + ', '.join(f'{statistics.median(samples[name, what]):.3f}'
+                               for what in timed) for name in sides), flush=True)
+  return samples
+
+
+def check_same_params(info: dict[str, dict]) -> None:
+  """Refuses sides (their `describe` answers) whose models differ in size."""
+  if len({i['params'] for i in info.values()}) != 1:
+    raise RuntimeError(f'the models differ: {info}')
+
+
+def check_first_losses(losses: dict[str, float], atol: float = 1e-3) -> None:
+  """Refuses sides whose first train steps computed different losses (not the same model,
+  weights or batch)."""
+  if max(losses.values()) - min(losses.values()) > atol:
+    raise RuntimeError(f'the sides compute different first losses: {losses}')
+
+
+# -------------------------------------------------------- the drivers' arguments and pages
+
+
+def add_run_arguments(parser, shape_cls, name: str, *, per_round=(),
+                      peers: tuple[str, ...] = ()) -> None:
+  """A driver's arguments: an int --FIELD per field of the `shape_cls` dataclass, --rounds,
+  --steps, each (flag, default, help) of `per_round` (more calls timed per round),
+  --matmul_repeats, --peers (some of `peers`, when given), --out (docs/NAME.md), --note and
+  --peer_tunables."""
+  for field in dataclasses.fields(shape_cls):
+    parser.add_argument(f'--{field.name}', type=int, default=field.default)
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--steps', type=int, default=3, help='train steps timed per round')
+  for flag, default, what in per_round:
+    parser.add_argument(f'--{flag}', type=int, default=default, help=what)
+  parser.add_argument('--matmul_repeats', type=int, default=5)
+  if peers:
+    parser.add_argument('--peers', default=','.join(peers),
+                        help="the peer's attention implementations, each a side of its own")
+  parser.add_argument('--out', default=f'{DOCS}/{name}.md')
+  parser.add_argument('--note', default='',
+                      help='a line for the page (e.g. what else loaded the machine)')
+  parser.add_argument('--peer_tunables', choices=('default', 'ours'), default='default',
+                      help="the peer's glibc malloc settings (see bench/gpt_speed.py)")
+
+
+def shape_from_args(args, shape_cls):
+  """The `shape_cls` of the --FIELD arguments `add_run_arguments` added."""
+  return shape_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(shape_cls)})
+
+
+def peers_from_args(parser, args, peers: tuple[str, ...]) -> tuple[str, ...]:
+  """The --peers named, some of `peers` (else the parser's error)."""
+  chosen = tuple(args.peers.split(','))
+  if not set(chosen) <= set(peers) or not chosen:
+    parser.error(f'--peers must name some of {peers}')
+  return chosen
+
+
+def page_head(title: str, command: str, note: str, result: dict) -> list[str]:
+  """A page's first lines: the title, the command, the machine, the note, the sides'
+  frameworks and malloc settings (`result`'s 'frameworks' and 'glibc_tunables')."""
+  tunables = result['glibc_tunables']
+  return [
+      f'# {title}', '',
+      f'Command: `{command}`', '',
+      machine_line(), '',
+      *([note, ''] if note else []),
+      'Sides: ' + '; '.join(f'{n}: {f}' for n, f in result['frameworks'].items()) + '.', '',
+      (f'GLIBC_TUNABLES: ours {tunables["ours"] or "unset"}; peer '
+       f'{tunables["peer"] or "unset"}.'), '']
+
+
+def page_tail(result: dict, headline: list[str]) -> list[str]:
+  """A page's last lines, after its table: what MFU is of, the headline, the result."""
+  return ['', 'MFU percentages are of the best 2048² matmul rate of any side in this run.', '',
+          '```', *headline, '```', '',
+          '```json', json.dumps(result, indent=1), '```', '']
+
+
+def write_page(name: str, argv, args, result: dict, report, headline) -> None:
+  """Writes `report(result, command, note)` to --out and prints `headline(result)`; the
+  command is `python -m bench.NAME` with `argv` (None: the process's)."""
+  command = f'python -m bench.{name} ' + ' '.join(sys.argv[1:] if argv is None else argv)
+  page = report(result, command.strip(), args.note)
+  with open(args.out, 'w') as f:
+    f.write(page)
+  print('\n'.join(headline(result)))
+  print(f'wrote {args.out}')
+
+
 # ------------------------------------------------------------- training sides (BERT, ELECTRA)
 
 
@@ -175,6 +281,21 @@ def encoder_batch(tokens: np.ndarray, token_types: np.ndarray) -> dict:
           'segment_ids': ones,
           'positions': jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                         ones.shape)}
+
+
+def seq2seq_batch(sources: np.ndarray, decoder_inputs: np.ndarray, targets: np.ndarray) -> dict:
+  """Our encoder-decoders' batch of [B, S] sources and [B, T] decoder inputs and targets:
+  one pair per row (segment ids 1, no padding), positions from 0, int32."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  (batch, source), target = sources.shape, targets.shape[1]
+  positions = lambda n: jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+  return {'inputs': jnp.asarray(sources, jnp.int32),
+          'decoder_inputs': jnp.asarray(decoder_inputs, jnp.int32),
+          'targets': jnp.asarray(targets, jnp.int32),
+          'inputs_segment_ids': jnp.ones((batch, source), jnp.int32),
+          'inputs_positions': positions(source),
+          'targets_segment_ids': jnp.ones((batch, target), jnp.int32),
+          'targets_positions': positions(target)}
 
 
 def table_row(label: str, values: dict, names: list[str], fmt: str, ratio: str = '',

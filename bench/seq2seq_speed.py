@@ -48,9 +48,7 @@ the masked half of the causal one included).
 
 import argparse
 import dataclasses
-import json
 import statistics
-import sys
 
 import numpy as np
 
@@ -152,15 +150,7 @@ class Ours(common.JaxSide):
     self.model = encoder_decoder.EncoderDecoder(cfg)
     params = hf_marian.params_from_hf(state, cfg)
     objective = objectives.build('seq2seq', {'label_smoothing': LABEL_SMOOTHING})
-    pairs = make_pairs(shape)
-    positions = lambda n: jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (shape.batch, n))
-    batch = {'inputs': jnp.asarray(pairs['sources'], jnp.int32),
-             'decoder_inputs': jnp.asarray(pairs['decoder_inputs'], jnp.int32),
-             'targets': jnp.asarray(pairs['targets'], jnp.int32),
-             'inputs_segment_ids': jnp.ones((shape.batch, shape.source), jnp.int32),
-             'inputs_positions': positions(shape.source),
-             'targets_segment_ids': jnp.ones((shape.batch, shape.target), jnp.int32),
-             'targets_positions': positions(shape.target)}
+    batch = common.seq2seq_batch(**make_pairs(shape))
     self.init_train(self.model, params, objective.loss_fn, batch, ADAMW)
     self.sources = batch['inputs'][:shape.decode_batch]
     # Decoding uses the weights as imported (training moves them), a copy of their own
@@ -254,25 +244,25 @@ def run(shape: Shape, rounds: int, steps: int, decodes: int, matmul_repeats: int
   state = marian_state(config)
   specs = {'ours': (Ours, (shape, config, state), env['ours'])}
   specs.update({p: (Peer, (shape, config, state, p), env['peer']) for p in peers})
-  whats = ('matmul', 'train', 'decode')
   with common.started(specs) as sides:
     info = {name: side('describe') for name, side in sides.items()}
-    if len({i['params'] for i in info.values()}) != 1:
-      raise RuntimeError(f'the models differ: {info}')
-    samples = {(name, what): [] for name in sides for what in whats}
-    for r in range(rounds):
-      for name in common.round_order(list(sides), r):
-        samples[name, 'matmul'].append(sides[name]('matmul', matmul_repeats))
-        samples[name, 'train'].extend(sides[name]('train', steps))
-        samples[name, 'decode'].extend(sides[name]('decode', decodes))
-      print(f'round {r + 1}/{rounds}: train s/step, decode s ' + ', '.join(
-          f'{n} {statistics.median(samples[n, "train"]):.3f}, '
-          f'{statistics.median(samples[n, "decode"]):.3f}' for n in sides), flush=True)
+    common.check_same_params(info)
+    samples = common.measure_rounds(
+        sides, rounds, matmul_repeats,
+        {'train': (steps, 'train s/step'), 'decode': (decodes, 'decode s')})
     losses = {name: side('loss') for name, side in sides.items()}
     best = {name: side('hypotheses') for name, side in sides.items()}
-  if max(losses.values()) - min(losses.values()) > 1e-3:
-    raise RuntimeError(f'the sides compute different first losses: {losses}')
+  common.check_first_losses(losses)
+  return summarize(shape, samples, info, losses, best, peers=peers, env=env, rounds=rounds,
+                   steps=steps, decodes=decodes)
 
+
+def summarize(shape: Shape, samples: dict[tuple[str, str], list[float]], info: dict,
+              losses: dict[str, float], best: dict[str, np.ndarray], *,
+              peers: tuple[str, ...], env: dict[str, dict[str, str | None]], rounds: int,
+              steps: int, decodes: int) -> dict:
+  """The result of measured `samples` (`common.measure_rounds`'): medians, rates, ratios."""
+  sides = ['ours', *peers]
   train_s = {n: statistics.median(samples[n, 'train']) for n in sides}
   decode_s = {n: statistics.median(samples[n, 'decode']) for n in sides}
   peak = max(max(samples[n, 'matmul']) for n in sides)
@@ -313,13 +303,8 @@ def report(result: dict, command: str, note: str = '') -> str:
   mfu = {n: 100 * v for n, v in result['train_mfu'].items()}
   same = ', '.join(f'{p} {100 * v:.0f}%' for p, v in result['same_best_hypotheses'].items())
   lines = [
-      '# Seq2seq speed: contextual vs Hugging Face transformers (PyTorch)', '',
-      f'Command: `{command}`', '',
-      common.machine_line(), '',
-      *([note, ''] if note else []),
-      'Sides: ' + '; '.join(f'{n}: {f}' for n, f in result['frameworks'].items()) + '.', '',
-      (f'GLIBC_TUNABLES: ours {result["glibc_tunables"]["ours"] or "unset"}; peer '
-       f'{result["glibc_tunables"]["peer"] or "unset"}.'), '',
+      *common.page_head('Seq2seq speed: contextual vs Hugging Face transformers (PyTorch)',
+                        command, note, result),
       (f'Model: the Transformer as Marian has it (post-LN, ReLU, sinusoids, shared tied '
        f'embeddings × sqrt(D)), {s["layers"]} + {s["layers"]} layers, width {s["width"]}, '
        f'{s["heads"]} heads, MLP {s["mlp"]}, vocabulary {s["vocab"]}, '
@@ -346,10 +331,8 @@ def report(result: dict, command: str, note: str = '') -> str:
       row('beam search (s)', result['decode_s_per_batch'], '.3f'),
       row('beam decode tokens/s', result['decode_tokens_per_s'], '.0f',
           f'{result["decode_ratio"]:.2f}'),
-      row('2048² matmul GFLOP/s (best)', result['matmul_gflops_per_s'], '.1f'), '',
-      'MFU percentages are of the best 2048² matmul rate of any side in this run.', '',
-      '```', *headline(result), '```', '',
-      '```json', json.dumps(result, indent=1), '```', '']
+      row('2048² matmul GFLOP/s (best)', result['matmul_gflops_per_s'], '.1f'),
+      *common.page_tail(result, headline(result))]
   return '\n'.join(lines)
 
 
@@ -361,36 +344,19 @@ def headline(result: dict) -> list[str]:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  for field in dataclasses.fields(Shape):
-    parser.add_argument(f'--{field.name}', type=int, default=field.default)
-  parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--steps', type=int, default=3, help='train steps timed per round')
-  parser.add_argument('--decodes', type=int, default=3, help='beam searches timed per round')
-  parser.add_argument('--matmul_repeats', type=int, default=5)
-  parser.add_argument('--peers', default=','.join(PEERS),
-                      help="the peer's attention implementations, each a side of its own")
-  parser.add_argument('--out', default=f'{common.DOCS}/seq2seq_speed.md')
-  parser.add_argument('--note', default='',
-                      help='a line for the page (e.g. what else loaded the machine)')
-  parser.add_argument('--peer_tunables', choices=('default', 'ours'), default='default',
-                      help="the peer's glibc malloc settings (see bench/gpt_speed.py)")
+  common.add_run_arguments(
+      parser, Shape, 'seq2seq_speed', peers=PEERS,
+      per_round=[('decodes', 3, 'beam searches timed per round')])
   args = parser.parse_args(argv)
-  shape = Shape(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shape)})
+  shape = common.shape_from_args(args, Shape)
   if shape.decode_batch > shape.batch:
     parser.error('--decode_batch cannot exceed --batch (it takes the first sources)')
   if shape.new_tokens > max(shape.source, shape.target):
     parser.error('--new_tokens cannot exceed the longest side (the position table)')
-  peers = tuple(args.peers.split(','))
-  if not set(peers) <= set(PEERS) or not peers:
-    parser.error(f'--peers must name some of {PEERS}')
+  peers = common.peers_from_args(parser, args, PEERS)
   env = dict(zip(('ours', 'peer'), common.tunables_env(args.peer_tunables)))
   result = run(shape, args.rounds, args.steps, args.decodes, args.matmul_repeats, peers, env)
-  command = 'python -m bench.seq2seq_speed ' + ' '.join(sys.argv[1:] if argv is None else argv)
-  page = report(result, command.strip(), args.note)
-  with open(args.out, 'w') as f:
-    f.write(page)
-  print('\n'.join(headline(result)))
-  print(f'wrote {args.out}')
+  common.write_page('seq2seq_speed', argv, args, result, report, headline)
 
 
 if __name__ == '__main__':
