@@ -6,9 +6,15 @@
   python eval.py --workdir=DIR --prompt="In the beginning" --sampling=greedy,top_p
   python eval.py --workdir=DIR --translate="In the beginning God created the heaven"
 
-A seq2seq run (config.data.task='seq2seq') is also scored by BLEU and chrF of beam search
-on each split, beside a copy-the-source baseline, and its translations are written to
-DIR/eval/translations_<split>_<step>.tsv (source, reference, translation).
+A seq2seq run (config.data.task='seq2seq') is also scored by BLEU, chrF and ROUGE of beam
+search on each split, beside a copy-the-source baseline, and its translations are written
+to DIR/eval/translations_<split>_<step>.tsv (source, reference, translation). A
+text-to-text run (config.data.task='text_to_text') gets one row per (split, task) with the
+task's own metrics, beside its baseline (copy the source, or the majority class), and the
+outputs of each task in DIR/eval/translations_<split>_<task>_<step>.tsv. The split's own
+row is the loss over every task's examples (its accuracy: the next token's); a task row's
+accuracy is exact match. `--translate` takes texts as the model reads them, the task's
+prefix included (--translate="translate English to Spanish: In the beginning").
 
 The config comes from the workdir (`config.json`, written by train.py). Checkpoints are
 restored onto whatever devices are present: the mesh becomes data-parallel over all of them.
@@ -29,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from data import tasks
+from data import text_to_text
 from models import decoding
 from objectives import regression
 from training import baselines
@@ -51,11 +58,14 @@ _TOP_K = flags.DEFINE_integer('top_k', 40, 'k of top-k sampling.')
 _TOP_P = flags.DEFINE_float('top_p', 0.9, 'p of nucleus sampling.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 40, 'Tokens to generate per prompt.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_TRANSLATE = flags.DEFINE_multi_string('translate', [], 'Translate these sentences (seq2seq runs).')
+_TRANSLATE = flags.DEFINE_multi_string(
+    'translate', [], 'Translate these sentences (seq2seq runs; text-to-text runs: prefix '
+    'included).')
 _BEAM = flags.DEFINE_integer('beam_size', None, 'Beam size for translation; default the config\'s.')
 _ALPHA = flags.DEFINE_float('alpha', None, 'Length penalty for translation; default the config\'s.')
-_MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 0,
-                                     'Translate only the first N pairs of each split (0: all).')
+_MAX_EXAMPLES = flags.DEFINE_integer(
+    'max_examples', 0, 'Translate only the first N pairs of each split (text-to-text: of '
+    'each task) (0: all).')
 _UNIGRAM = flags.DEFINE_bool('unigram_baseline', False,
                              'Also report the perplexity of a unigram model of the same tokens.')
 
@@ -139,27 +149,46 @@ def translate_settings(config) -> translation.TranslateConfig:
   return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
+BASELINE_LABELS = {'copy': 'copy the source', 'majority': 'majority class'}
+
+
 def score_translations(evaluator: Evaluator, state, step: int,
                        results: dict[str, dict[str, float]]) -> None:
-  """Adds BLEU/chrF (and the copy baseline's) to each split's results; writes the
-  translations beside them."""
+  """Adds BLEU/chrF/ROUGE (and the copy baseline's) to each split's results, or for a
+  text-to-text run a row per task and one for its baseline; writes the outputs beside
+  them."""
   settings = translate_settings(evaluator.config)
+  mixture = evaluator.exp.data.task == 'text_to_text'
   for split in _SPLITS.value:
     print(f'translating {split} (beam {settings.beam_size}, alpha {settings.alpha}) ...',
           flush=True)
     with jax.set_mesh(evaluator.exp.mesh):
       report, rows = translation.evaluate(evaluator.exp, state.params, split, settings,
                                           _MAX_EXAMPLES.value, progress=True)
-    results[split].update({k: report[k] for k in ('bleu', 'chrf')})
-    results[f'{split} (copy the source)'] = {'bleu': report['copy_bleu'],
-                                             'chrf': report['copy_chrf']}
-    path = os.path.join(evaluator.workdir, 'eval', f'translations_{split}_{step}.tsv')
-    with open(path, 'w') as f:
-      f.write('source\treference\ttranslation\n')
-      for row in rows:
-        f.write('\t'.join(row[k].replace('\t', ' ') for k in ('source', 'reference',
-                                                               'translation')) + '\n')
-    print(f'wrote {len(rows)} translations to {path}')
+    if not mixture:
+      names = [k for m in translation.SEQ2SEQ_METRICS for k in translation.METRIC_KEYS[m]]
+      results[split].update({k: report[k] for k in names})
+      results[f'{split} (copy the source)'] = {k: report[f'copy_{k}'] for k in names}
+      write_outputs(evaluator.workdir, f'translations_{split}_{step}.tsv', rows)
+      continue
+    for task in text_to_text.mixture_tasks(evaluator.exp.data):
+      names = [k for m in task.metrics for k in translation.METRIC_KEYS[m]]
+      results[f'{split} {task.name}'] = {k: report[f'{task.name}/{k}'] for k in names}
+      results[f'{split} {task.name} ({BASELINE_LABELS[task.baseline]})'] = {
+          k: report[f'{task.name}/{task.baseline}_{k}'] for k in names}
+      write_outputs(evaluator.workdir, f'translations_{split}_{task.name}_{step}.tsv',
+                    [row for row in rows if row['task'] == task.name])
+
+
+def write_outputs(workdir: str, name: str, rows: list[dict[str, str]]) -> None:
+  """The rows (source, reference, translation) as DIR/eval/<name>, tab-separated."""
+  path = os.path.join(workdir, 'eval', name)
+  with open(path, 'w') as f:
+    f.write('source\treference\ttranslation\n')
+    for row in rows:
+      f.write('\t'.join(row[k].replace('\t', ' ') for k in ('source', 'reference',
+                                                             'translation')) + '\n')
+  print(f'wrote {len(rows)} translations to {path}')
 
 
 def translate_sentences(evaluator: Evaluator, state) -> None:
@@ -270,15 +299,16 @@ def main(argv):
     data_dir = loop.pipeline.data_dir(evaluator.exp.data)
     for split in _SPLITS.value:
       results[f'{split} (baseline)'] = tasks.baseline(task, split, data_dir=data_dir)
-  seq2seq = evaluator.exp.data.task == 'seq2seq'
+  seq2seq = evaluator.exp.data.task in ('seq2seq', 'text_to_text')
   if seq2seq and _SPLITS.value:
     score_translations(evaluator, state, step, results)
   if results or extra:  # --splits= with --translate or --prompt: no table to print
     print_table(step, results, extra)
   if _TRANSLATE.value:
     if not seq2seq:
-      raise ValueError(f'--translate needs a seq2seq run; {_WORKDIR.value} trains '
-                       f'{evaluator.config.model_name} on task {evaluator.exp.data.task!r}')
+      raise ValueError(f'--translate needs a seq2seq or text_to_text run; {_WORKDIR.value} '
+                       f'trains {evaluator.config.model_name} on task '
+                       f'{evaluator.exp.data.task!r}')
     translate_sentences(evaluator, state)
   if _PROMPT.value:
     generate(evaluator, state)

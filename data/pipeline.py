@@ -86,6 +86,11 @@ class DataConfig:
   mean_span_length: float = 3.0  # span_corruption
   extra_ids: int = 0  # sentinels: ids above the tokenizer's (model vocab = tokenizer + these)
   noising: str = 'infill=0.3,permute'  # bart_denoising: data/bart_noising.parse
+  # Text-to-text (data/text_to_text.py, task='text_to_text'): tasks of its registry mixed
+  # into one training stream, each with its own prefix and metrics.
+  mixture: str = ''  # task names, comma-separated: 'translate,modernize,genre'
+  mixing: str = 'proportional'  # examples-proportional, or weights 'translate=1,modernize=3'
+  mixing_cap: int = 0  # proportional: a task counts at most this many examples (T5's K; 0: all)
 
 
 def data_dir(cfg: DataConfig) -> pathlib.Path:
@@ -113,6 +118,9 @@ def text_keys(cfg: DataConfig) -> tuple[str, ...]:
 def dataset_slug(cfg: DataConfig) -> str:
   """A file-name-safe name of the dataset and text features, e.g. 'bible_en_es-en'; a
   seq2seq pair's joint vocabulary is named by both, e.g. 'bible_en_es-en-es'."""
+  if cfg.task == 'text_to_text':  # a vocabulary of the mixture's tasks, whatever cfg.name
+    from data import text_to_text  # pylint: disable=g-import-not-at-top  (imports this module)
+    return text_to_text.slug(cfg)
   base = text_files.slug(cfg.files) if cfg.files else cfg.name.replace('/', '_')
   base = base.replace(':', '-')
   keys = text_keys(cfg)
@@ -175,6 +183,9 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer | subword.SubwordTokenizer:
     # millions of records one by one would take far longer than training, so take an
     # evenly spaced subset of at most TOKENIZER_RECORDS. A seq2seq pair trains one joint
     # vocabulary on both sides.
+    if cfg.task == 'text_to_text':  # the prefixed inputs and the targets of every task
+      from data import text_to_text  # pylint: disable=g-import-not-at-top  (imports this module)
+      return text_to_text.tokenizer_texts(cfg)
     source = data_source(cfg, 'train')
     step = max(1, len(source) // TOKENIZER_RECORDS)
     return (_text(source[i], key) for i in range(0, len(source), step)

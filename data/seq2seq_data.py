@@ -61,9 +61,9 @@ def shift_right(targets_BT: np.ndarray, positions_BT: np.ndarray, segment_ids_BT
 class _TokenizePair(grain.transforms.Map):
   """record -> {'inputs': source ids + [eos], 'targets': target ids + [eos]}."""
 
-  def __init__(self, tokenizer, cfg: pipeline.DataConfig):
+  def __init__(self, tokenizer, cfg: pipeline.DataConfig, keys: tuple[str, str] | None = None):
     self._tokenizer = tokenizer
-    self._keys = pipeline.text_keys(cfg)
+    self._keys = keys or pipeline.text_keys(cfg)
     self._lengths = lengths(cfg)
 
   def map(self, record):
@@ -98,17 +98,18 @@ class PairTask(Protocol):
 
 
 class TextPairs:
-  """The source and target features of each record, tokenized (`cfg.source_key`,
-  `cfg.target_key`)."""
+  """The source and target features of each record, tokenized (`keys`, default
+  (`cfg.source_key`, `cfg.target_key`))."""
 
-  def __init__(self, tokenizer, cfg: pipeline.DataConfig):
-    self._tokenizer, self._cfg = tokenizer, cfg
+  def __init__(self, tokenizer, cfg: pipeline.DataConfig, keys: tuple[str, str] | None = None):
+    self._tokenizer, self._cfg, self._keys = tokenizer, cfg, keys
 
   def lengths(self) -> tuple[int, int]:
     return lengths(self._cfg)
 
   def pairs(self, records: grain.MapDataset) -> grain.IterDataset:
-    return records.map(_TokenizePair(self._tokenizer, self._cfg)).to_iter_dataset(_READ)
+    return records.map(_TokenizePair(self._tokenizer, self._cfg, self._keys)).to_iter_dataset(
+        _READ)
 
 
 def _packed_rows(records: grain.MapDataset, tokenizer, cfg: pipeline.DataConfig,
@@ -131,13 +132,15 @@ def _source(cfg: pipeline.DataConfig, split: str):
 
 
 def train_iterator(cfg: pipeline.DataConfig, tokenizer, *, shard_index: int = 0,
-                   shard_count: int = 1, rows=None, task: PairTask | None = None
-                   ) -> grain.DatasetIterator:
+                   shard_count: int = 1, rows=None, task: PairTask | None = None,
+                   records: grain.MapDataset | None = None) -> grain.DatasetIterator:
   """Endless global batches of packed pairs (this host's rows of each, pipeline.host_rows);
-  `task` makes the pairs (default: `TextPairs`)."""
+  `task` makes the pairs (default: `TextPairs`) of `records`, an endless stream (default:
+  the training split, shuffled per epoch)."""
   keep = pipeline.host_rows(cfg, shard_index=shard_index, shard_count=shard_count, rows=rows)
-  records = pipeline.EpochShuffle(grain.MapDataset.source(_source(cfg, 'train')),
-                                  seed=cfg.seed)
+  if records is None:
+    records = pipeline.EpochShuffle(grain.MapDataset.source(_source(cfg, 'train')),
+                                    seed=cfg.seed)
   ds = _packed_rows(records, tokenizer, cfg, task or TextPairs(tokenizer, cfg))
   if pipeline.SHUFFLE_WINDOW_ROWS > 1:
     ds = grain.experimental.WindowShuffleIterDataset(
@@ -150,20 +153,22 @@ def train_iterator(cfg: pipeline.DataConfig, tokenizer, *, shard_index: int = 0,
 
 class EvalBatches:
   """One pass over a split in order, packed as in training, re-iterable; the last batch
-  is padded with all-zero rows (segment id 0: no weight)."""
+  is padded with all-zero rows (segment id 0: no weight). `records` replaces the split's
+  own (then `split` only names them)."""
 
   def __init__(self, cfg: pipeline.DataConfig, tokenizer, split: str, *, shard_index: int = 0,
                shard_count: int = 1, rows=None, max_batches: int = 0,
-               task: PairTask | None = None):
+               task: PairTask | None = None, records: grain.MapDataset | None = None):
     self._cfg, self._tokenizer, self._max_batches = cfg, tokenizer, max_batches
     self._task = task or TextPairs(tokenizer, cfg)
     self._rows = pipeline.host_rows(cfg, shard_index=shard_index, shard_count=shard_count,
                                     rows=rows)
-    self._source = _source(cfg, split)
+    self._records = records if records is not None else grain.MapDataset.source(
+        _source(cfg, split))
 
   def __iter__(self) -> Iterator[Batch]:
     cfg = self._cfg
-    ds = _packed_rows(grain.MapDataset.source(self._source), self._tokenizer, cfg, self._task)
+    ds = _packed_rows(self._records, self._tokenizer, cfg, self._task)
     for count, batch in enumerate(ds.batch(cfg.batch_size, drop_remainder=False)):
       if self._max_batches and count >= self._max_batches:
         return

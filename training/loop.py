@@ -24,6 +24,7 @@ from data import encoder_data
 from data import pipeline
 from data import seq2seq_data
 from data import tasks as tasks_lib
+from data import text_to_text
 import models
 import objectives
 from objectives import masking
@@ -179,9 +180,10 @@ def process_rows(exp: Experiment) -> np.ndarray:
 
 
 def is_pairs(data_cfg: pipeline.DataConfig) -> bool:
-  """Whether the rows are packed (source, target) pairs: translation pairs or the
-  corrupted documents of encoder-decoder pretraining."""
-  return data_cfg.task == 'seq2seq' or data_cfg.task in pipeline.DENOISING_TASKS
+  """Whether the rows are packed (source, target) pairs: translation pairs, a mixture of
+  text-to-text tasks or the corrupted documents of encoder-decoder pretraining."""
+  return (data_cfg.task in ('seq2seq', 'text_to_text')
+          or data_cfg.task in pipeline.DENOISING_TASKS)
 
 
 def pair_task(data_cfg: pipeline.DataConfig, tokenizer) -> seq2seq_data.PairTask | None:
@@ -194,6 +196,8 @@ def pair_task(data_cfg: pipeline.DataConfig, tokenizer) -> seq2seq_data.PairTask
 def train_iterator(exp: Experiment, rows: np.ndarray):
   """This process's rows of every training batch: packed LM rows, packed sequence pairs,
   or the task's examples."""
+  if exp.data.task == 'text_to_text':
+    return text_to_text.train_iterator(exp.data, exp.tokenizer, rows=rows)
   if is_pairs(exp.data):
     return seq2seq_data.train_iterator(exp.data, exp.tokenizer, rows=rows,
                                        task=pair_task(exp.data, exp.tokenizer))
@@ -203,7 +207,10 @@ def train_iterator(exp: Experiment, rows: np.ndarray):
 
 
 def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
-  if is_pairs(exp.data):
+  if exp.data.task == 'text_to_text':  # every task's examples of the split
+    batches = text_to_text.eval_batches(exp.data, exp.tokenizer, split, rows=process_rows(exp),
+                                        max_batches=exp.config.train.eval_batches)
+  elif is_pairs(exp.data):
     batches = seq2seq_data.eval_batches(exp.data, exp.tokenizer, split, rows=process_rows(exp),
                                         max_batches=exp.config.train.eval_batches,
                                         task=pair_task(exp.data, exp.tokenizer))
@@ -219,11 +226,14 @@ def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
 
 def translation_scores(exp: Experiment, params) -> dict[str, float]:
   """BLEU and chrF of beam search on the first `translate.eval_examples` validation pairs
-  (a seq2seq run whose config asks for them), else nothing."""
+  (a seq2seq run whose config asks for them; a text-to-text run: each task's metrics,
+  'task/metric'), else nothing."""
   settings = translate_settings(exp.config)
   if settings is None or not settings.eval_examples:
     return {}
   report, _ = translation.evaluate(exp, params, 'validation', settings, settings.eval_examples)
+  if exp.data.task == 'text_to_text':
+    return {k: report[k] for k in translation.task_score_names(exp.data)}
   return {k: report[k] for k in ('bleu', 'chrf')}
 
 
