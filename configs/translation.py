@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       norm_position='post', norm='layer', norm_epsilon=1e-6, activation='relu',
       use_bias=True, init_stddev=0.02, scale_residual_init=False,
       share_embeddings=True, tie_output=True, scale_embeddings=True, encoder_mask='bidirectional',
+      embed_norm=False, scale_tied_output=False,  # BART's and T5's (configs/bart.py, t5.py)
       # Unit sinusoids: the embeddings are scaled by sqrt(D) to unit size (sec. 3.4, 3.5).
       **common.stack_settings(mask='causal', position='sinusoidal', sinusoid_scale=1.0),
   )
