@@ -97,14 +97,13 @@ def _four_step_overrides(config) -> list[str]:
           '--config.train.eval_every=4', '--config.train.checkpoint_every=4']
 
 
-def test_sharded_runs_follow_the_single_device_run(tmp_path):
-  """data=8, fsdp=8 and data=2 x fsdp=2 x tensor=2 on 8 simulated CPU devices give the
-  single-device losses (to float32 reduction-order differences), and their checkpoints
-  restore on another mesh."""
+def _sharded_losses(tmp_path, shapes: tuple[str, ...]) -> tuple[dict[str, list], list[str]]:
+  """(split, loss) of 4 steps of the tiny GPT on each mesh shape (8 simulated CPU devices;
+  '(-1,1,1)': one device), and the runs' train.py flags."""
   config = tiny_config(tmp_path)
   overrides = _four_step_overrides(config)
   losses = {}
-  for shape in ('(-1,1,1)', '(8,1,1)', '(1,8,1)', '(2,2,2)'):
+  for shape in shapes:
     devices = 1 if shape.startswith('(-1') else 8
     workdir = tmp_path / f'run{shape}'
     env = dict(os.environ, JAX_PLATFORMS='cpu',
@@ -113,13 +112,29 @@ def test_sharded_runs_follow_the_single_device_run(tmp_path):
                     f'--workdir={workdir}', f'--config.mesh.shape={shape}', *overrides],
                    env=env, check=True, capture_output=True, timeout=600)
     losses[shape] = [(m['split'], m['loss']) for m in metrics.read_metrics(workdir)]
-  baseline = losses.pop('(-1,1,1)')
+  return losses, overrides
+
+
+def _assert_same_losses(losses: dict[str, list]) -> None:
+  baseline = losses['(-1,1,1)']
   assert len(baseline) == 5  # 4 train steps and one validation
   for shape, run_losses in losses.items():
     assert len(run_losses) == len(baseline), shape  # zip below would drop missing steps
     for (split1, a), (split8, b) in zip(baseline, run_losses):
       assert split1 == split8
       assert a == pytest.approx(b, rel=1e-5), shape
+
+
+@pytest.mark.slow  # data=2 x fsdp=2 x tensor=2 below covers each axis in the default suite
+def test_pure_data_and_pure_fsdp_runs_follow_the_single_device_run(tmp_path):
+  _assert_same_losses(_sharded_losses(tmp_path, ('(-1,1,1)', '(8,1,1)', '(1,8,1)'))[0])
+
+
+def test_sharded_runs_follow_the_single_device_run(tmp_path):
+  """data=2 x fsdp=2 x tensor=2 on 8 simulated CPU devices gives the single-device losses
+  (to float32 reduction-order differences), and its checkpoint restores on another mesh."""
+  losses, overrides = _sharded_losses(tmp_path, ('(-1,1,1)', '(2,2,2)'))
+  _assert_same_losses(losses)
   # The 2x2x2 checkpoint restores in this single-device process (eval.py's mesh).
   result = run('eval.py', f'--workdir={tmp_path / "run(2,2,2)"}', '--splits=validation')
   assert result.returncode == 0, result.stderr
