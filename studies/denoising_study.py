@@ -76,10 +76,10 @@ METRICS = ('bleu', 'chrf', 'rougeL')
 class Settings:
   study: str = 't5'
   seeds: int = len(SEEDS)
-  pretrain_steps: int = 400
-  finetune_steps: int = 400
+  pretrain_steps: int = 300
+  finetune_steps: int = 300
   beam_size: int = 4
-  max_examples: int = 500  # test verses scored (0: all)
+  max_examples: int = 300  # test verses scored (0: all)
 
 
 def _family(study: str):
