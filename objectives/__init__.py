@@ -20,12 +20,14 @@ from objectives import classification
 from objectives import electra
 from objectives import masked_lm
 from objectives import next_sentence
+from objectives import prefix_lm
 from objectives import regression
 from objectives import seq2seq
 from objectives.masking import MaskedLM
 
 OBJECTIVES: dict[str, types.ModuleType] = {
     'causal_lm': causal_lm,
+    'prefix_lm': prefix_lm,  # decoder-only, scored on the continuation
     'masked_lm': masked_lm,
     'next_sentence': next_sentence,
     'bert_pretraining': bert_pretraining,

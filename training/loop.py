@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
+from data import decoder_prefix_lm
 from data import denoising_data
 from data import encoder_data
 from data import pipeline
@@ -193,9 +194,22 @@ def pair_task(data_cfg: pipeline.DataConfig, tokenizer) -> seq2seq_data.PairTask
   return None
 
 
+# Decoder-only families: they read an encoder-decoder pretraining task's examples as
+# single rows, the inputs a prefix to the targets (data/decoder_prefix_lm.py).
+DECODER_ONLY = ('gpt',)
+
+
+def is_decoder_prefix_lm(exp: Experiment) -> bool:
+  """Whether a decoder-only model reads a denoising task's examples as prefix-LM rows
+  (T5's prefix LM decoder; only task 'prefix_lm' makes them, others fail there)."""
+  return exp.data.task in pipeline.DENOISING_TASKS and exp.config.model_name in DECODER_ONLY
+
+
 def train_iterator(exp: Experiment, rows: np.ndarray):
   """This process's rows of every training batch: packed LM rows, packed sequence pairs,
-  or the task's examples."""
+  prefix-LM rows or the task's examples."""
+  if is_decoder_prefix_lm(exp):
+    return decoder_prefix_lm.train_iterator(exp.data, exp.tokenizer, rows=rows)
   if exp.data.task == 'text_to_text':
     return text_to_text.train_iterator(exp.data, exp.tokenizer, rows=rows)
   if is_pairs(exp.data):
@@ -207,7 +221,11 @@ def train_iterator(exp: Experiment, rows: np.ndarray):
 
 
 def eval_split(exp: Experiment, split: str) -> list[dict[str, np.ndarray]]:
-  if exp.data.task == 'text_to_text':  # every task's examples of the split
+  if is_decoder_prefix_lm(exp):
+    batches = decoder_prefix_lm.eval_batches(exp.data, exp.tokenizer, split,
+                                             rows=process_rows(exp),
+                                             max_batches=exp.config.train.eval_batches)
+  elif exp.data.task == 'text_to_text':  # every task's examples of the split
     batches = text_to_text.eval_batches(exp.data, exp.tokenizer, split, rows=process_rows(exp),
                                         max_batches=exp.config.train.eval_batches)
   elif is_pairs(exp.data):

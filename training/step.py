@@ -25,9 +25,17 @@ class TrainState(train_state.TrainState):
   """params, opt_state, step (and the optimizer's `tx`, which is static)."""
 
 
+def _prefix_lengths(model: nn.Module, sample_inputs: jax.Array) -> dict[str, jax.Array]:
+  """A prefix LM's init needs prefix lengths (any: they shape no parameter); {} otherwise."""
+  if getattr(getattr(model, 'config', None), 'mask', None) != 'prefix_lm':
+    return {}
+  return {'prefix_lengths_B': jnp.zeros(sample_inputs.shape[:1], jnp.int32)}
+
+
 def _init_state(rng: jax.Array, sample_inputs: jax.Array, *, model: nn.Module,
                 tx: optax.GradientTransformation) -> TrainState:
-  params = model.init({'params': rng, 'dropout': rng}, sample_inputs, deterministic=True)['params']
+  params = model.init({'params': rng, 'dropout': rng}, sample_inputs, deterministic=True,
+                      **_prefix_lengths(model, sample_inputs))['params']
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 

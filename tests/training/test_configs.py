@@ -29,8 +29,11 @@ def test_config_builds_its_model(module, size):
   assert set(config.model) == {f.name for f in dataclasses.fields(config_cls)}
   model = model_cls(config_cls(**config.model))
   tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
-  variables = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
-  outputs = jax.eval_shape(lambda v, t: model.apply(v, t), variables, tokens)
+  # A prefix LM's mask needs one prefix length per row.
+  prefix = ({'prefix_lengths_B': jnp.ones((1,), jnp.int32)}
+            if config.model.get('mask') == 'prefix_lm' else {})
+  variables = jax.eval_shape(lambda t: model.init(jax.random.key(0), t, **prefix), tokens)
+  outputs = jax.eval_shape(lambda v, t: model.apply(v, t, **prefix), variables, tokens)
   if not isinstance(outputs, dict):  # a language model: next-token logits
     outputs = {'mlm_logits': outputs}
   if 'logits' in outputs:  # a classifier
