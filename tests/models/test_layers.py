@@ -112,6 +112,56 @@ def test_tied_logits_gradient_equals_autodiff_of_the_einsum(dtype):
                             **(dict(rtol=1e-2, scale=1e-2) if dtype == jnp.bfloat16 else {}))
 
 
+def _plain_feed_forward(x, w_in, b_in, w_gate, b_gate, w_out, b_out, activation):
+  """The MLP as two dense layers and the activation, for autodiff to differentiate."""
+  plus = lambda v, b: v if b is None else v + b
+  h = layers.activation(activation)(plus(x @ w_in, b_in))
+  if w_gate is not None:
+    h = h * plus(x @ w_gate, b_gate)
+  return plus(h @ w_out, b_out)
+
+
+@pytest.mark.parametrize('activation,use_bias,dtype', [
+    ('geglu_tanh', False, jnp.float32), ('gelu', True, jnp.float32),
+    ('relu', True, jnp.float32), ('swiglu', True, jnp.bfloat16)])
+def test_feed_forward_gradient_equals_autodiff(activation, use_bias, dtype):
+  # Every input's gradient (x, the three kernels, the three biases) against autodiff of the
+  # plain composition, with a non-trivial cotangent and leading dims [B, T].
+  d, f = 8, 12
+  gated = layers.is_gated(activation)
+  args = [_normal(1, (2, 5, d)), _normal(2, (d, f)), _normal(3, (f,)) if use_bias else None,
+          _normal(4, (d, f)) if gated else None,
+          _normal(5, (f,)) if gated and use_bias else None, _normal(6, (f, d)),
+          _normal(7, (d,)) if use_bias else None]
+  args = [None if a is None else a.astype(dtype) for a in args]
+  dy = _normal(8, (2, 5, d)).astype(dtype)
+  out, vjp = jax.vjp(lambda *a: layers.feed_forward(*a, activation=activation), *args)
+  want_out, want_vjp = jax.vjp(lambda *a: _plain_feed_forward(*a, activation), *args)
+  loose = dict(rtol=2e-2, scale=2e-2) if dtype == jnp.bfloat16 else {}
+  tolerances.assert_close(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
+                          **loose)
+  for got, want in zip(vjp(dy), want_vjp(dy)):
+    if want is None:
+      assert got is None
+      continue
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    tolerances.assert_close(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                            **loose)
+
+
+def test_mlp_keeps_dense_parameter_names():
+  # Checkpoints and the Hugging Face maps read fc_in/fc_gate/fc_out {kernel, bias}.
+  module = layers.Mlp(hidden_dim=6, activation='geglu')
+  variables = module.init(jax.random.key(0), jnp.ones((1, 3, 4)))
+  shapes = jax.tree_util.tree_map(jnp.shape, nn.meta.unbox(variables['params']))
+  assert shapes == {'fc_in': {'kernel': (4, 6), 'bias': (6,)},
+                    'fc_gate': {'kernel': (4, 6), 'bias': (6,)},
+                    'fc_out': {'kernel': (6, 4), 'bias': (4,)}}
+  specs = nn.get_partition_spec(variables)['params']
+  assert tuple(specs['fc_in']['kernel']) == ('embed', 'mlp')
+  assert tuple(specs['fc_out']['kernel']) == ('mlp', 'embed')
+
+
 def test_learned_positions_look_up_explicit_positions():
   module = positions.LearnedPositions(max_len=6, features=4)
   restart = jnp.array([[0, 1, 2, 0, 1]])  # A second packed document restarts at 0.
