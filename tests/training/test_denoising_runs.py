@@ -34,13 +34,17 @@ def test_t5_configs_build_their_objective(arg):
       config.data.task.replace('_', '')[:6])
 
 
-def test_t5_and_bart_pretrain_and_checkpoint(tmp_path):
-  for name, config in (('t5', t5_config.get_config('size=tiny')),
-                       ('bart', bart_config.get_config('size=tiny'))):
-    report = loop.train_and_evaluate(_short(config), str(tmp_path / name))
-    assert np.isfinite(report['loss']) and report['tokens'] > 0
-    assert loop.checkpoint.manager(str(tmp_path / name / 'checkpoints'),
-                                   async_save=False).latest_step() == 3
+@pytest.mark.parametrize('name', [
+    't5',
+    # BART's rows (tests/data/test_denoising_data.py) and model (tests/hf/test_bart_parity.py)
+    # are checked apart; the whole run costs another minute of the default suite.
+    pytest.param('bart', marks=pytest.mark.slow)])
+def test_pretraining_runs_and_checkpoints(name, tmp_path):
+  config = {'t5': t5_config, 'bart': bart_config}[name].get_config('size=tiny')
+  report = loop.train_and_evaluate(_short(config), str(tmp_path / name))
+  assert np.isfinite(report['loss']) and report['tokens'] > 0
+  assert loop.checkpoint.manager(str(tmp_path / name / 'checkpoints'),
+                                 async_save=False).latest_step() == 3
 
 
 def _forward(fields, rng):
