@@ -268,6 +268,11 @@ def reading(rows: dict[str, list[dict]]) -> list[str]:
     verdict = 'beyond' if gap > spread else 'within'
     lines.append(f'- vs {TITLES[variant]}: +{gap:.2f} BLEU, {verdict} the seeds\' spread '
                  f'({spread:.2f}).')
+  copy = next(r for runs in rows.values() for r in runs)['copy_bleu']
+  if statistics.mean(done[best]) < copy:
+    lines.append(f'- Every variant stays below copying the source ({copy:.2f} BLEU): at this '
+                 'budget no model has learned the task itself, so the ranking is of how '
+                 'far each got, not of finished models.')
   return lines
 
 

@@ -55,6 +55,7 @@ def test_page_reads_the_finished_runs_and_says_what_separates(tmp_path):
   lines = study.reading(rows)
   assert 'span corruption' in lines[0] and '31.00' in lines[0]
   assert any('prefix LM: +10.00 BLEU, beyond' in line for line in lines)
+  assert not any('below copying' in line for line in lines)  # 31 > the copy's 20
   out = tmp_path / 'page.md'
   study.write_report(settings, workdir, str(out))
   page = out.read_text()
@@ -71,5 +72,9 @@ def test_close_variants_are_within_the_spread(tmp_path):
     _finished(workdir, 'mask', seed, b)
   rows = study.collect(study.Settings(study='bart'), workdir)
   assert any('within the seeds' in line for line in study.reading(rows))
+  for runs in rows.values():
+    for r in runs:
+      r['copy_bleu'] = 40.0
+  assert 'below copying the source (40.00 BLEU)' in study.reading(rows)[-1]
   with open(os.path.join(workdir, 'infill-s0', study.TEST)) as f:
     assert json.load(f)['bleu'] == 30.0
