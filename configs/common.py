@@ -42,6 +42,22 @@ def pick(table: dict, key: str, what: str):
   return table[key]
 
 
+def pretraining_train(num_steps: int, *, tiny: bool) -> dict:
+  """The `train` block of the encoder-decoder pretraining configs (T5, BART, the prefix
+  LM): 4 evaluations and checkpoints, ~100 log lines; tiny runs evaluate 4 batches."""
+  return dict(
+      num_steps=num_steps,
+      log_every=max(1, num_steps // 100),
+      eval_every=max(1, num_steps // 4),
+      eval_batches=4 if tiny else 20,
+      checkpoint_every=max(1, num_steps // 4),
+      keep_checkpoints=2,
+      microbatches=1,
+      on_nonfinite='stop',
+      preemption_grace_seconds=120.0,
+  )
+
+
 def stack_settings(*, mask: str, **overrides) -> dict:
   """The attention, position and memory settings of the shared stack
   (models/transformer.py) that every family's `config.model` carries, each overridable

@@ -85,17 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       clip_norm=1.0,
   )
 
-  c.train = dict(
-      num_steps=size['num_steps'],
-      log_every=max(1, size['num_steps'] // 100),
-      eval_every=max(1, size['num_steps'] // 4),
-      eval_batches=4 if arg.size == 'tiny' else 20,
-      checkpoint_every=max(1, size['num_steps'] // 4),
-      keep_checkpoints=2,
-      microbatches=1,
-      on_nonfinite='stop',
-      preemption_grace_seconds=120.0,
-  )
+  c.train = common.pretraining_train(size['num_steps'], tiny=arg.size == 'tiny')
 
   c.mesh = dict(common.MESH)
   c.logical_axis_rules = common.LOGICAL_AXIS_RULES
