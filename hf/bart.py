@@ -133,10 +133,11 @@ def special_ids(hf_config) -> dict[str, int]:
 
 
 def config_to_hf(cfg: encoder_decoder.EncoderDecoderConfig, *, bos_id: int, eos_id: int,
-                 pad_id: int) -> dict[str, Any]:
+                 pad_id: int, source_bos_id: int | None = None) -> dict[str, Any]:
   """The config.json of `cfg` for transformers' BartForConditionalGeneration, decoding
   from `bos_id` (decoder_start_token_id) to `eos_id`, with no forced BOS or EOS (ours
-  forces none). bos_token_id (the source's <s>) is not ours to know: left unset."""
+  forces none). bos_token_id (the source's <s>) is `source_bos_id`: unset unless the
+  caller knows it (the tokenizer's)."""
   for field, value in _BART.items():
     if getattr(cfg, field) != value:
       raise ValueError(f'EncoderDecoderConfig.{field}={getattr(cfg, field)!r}: HF BART '
@@ -157,7 +158,7 @@ def config_to_hf(cfg: encoder_decoder.EncoderDecoderConfig, *, bos_id: int, eos_
       dropout=cfg.dropout_rate, attention_dropout=cfg.dropout_rate, activation_dropout=0.0,
       encoder_layerdrop=0.0, decoder_layerdrop=0.0, tie_word_embeddings=True,
       pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=bos_id,
-      bos_token_id=None, forced_bos_token_id=None, forced_eos_token_id=None,
+      bos_token_id=source_bos_id, forced_bos_token_id=None, forced_eos_token_id=None,
       dtype=cfg.param_dtype)
 
 
@@ -263,13 +264,14 @@ def load_hf_dir(directory: str | os.PathLike, *, scan_layers: bool = False
 
 
 def save_hf_dir(directory: str | os.PathLike, cfg: encoder_decoder.EncoderDecoderConfig,
-                params: Mapping[str, Any], *, bos_id: int, eos_id: int,
-                pad_id: int) -> list[pathlib.Path]:
+                params: Mapping[str, Any], *, bos_id: int, eos_id: int, pad_id: int,
+                source_bos_id: int | None = None) -> list[pathlib.Path]:
   """Writes config.json + model.safetensors that
   `BartForConditionalGeneration.from_pretrained` loads offline; returns the paths."""
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  hf_config = config_to_hf(cfg, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+  hf_config = config_to_hf(cfg, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+                           source_bos_id=source_bos_id)
   weights = directory / hf_io.WEIGHTS
   # transformers checks the 'format' metadata; 'pt' says the names are PyTorch's.
   safetensors.numpy.save_file(params_to_hf(params, cfg), os.fspath(weights),
