@@ -146,7 +146,7 @@ def test_prediction_slots_bound_every_dynamic_selection():
     recipe = MaskedLM(mask_id=4, vocab_size=40, special_ids=(0, 1, 2, 3, 4), rate=rate)
     count = electra.prediction_slots(recipe, length, static=False)
     tokens = jax.random.randint(jax.random.key(0), (256, length), 5, 40)
-    _, _, weights = masking.mask_tokens(
+    _, _, weights = jax.jit(masking.mask_tokens, static_argnums=3)(
         jax.random.key(1), tokens, jnp.ones_like(tokens), recipe)
     # Tight: at most one slot to spare (float32's rate·n can round past a whole rate·T).
     assert count - 1 <= int(weights.sum(axis=1).max()) <= count < length, (rate, length)
