@@ -171,10 +171,7 @@ def _read_hf_dir(hf_dir: str | os.PathLike, *, generator_dir, scan_layers: bool,
   if generator_dir is not None:
     raise ValueError(f'--generator_dir is for ELECTRA; {hf_dir} holds a {model_type!r} model')
   fields, params, _ = SEQ2SEQ[model_type].load_hf_dir(hf_dir, scan_layers=scan_layers)
-  directory = pathlib.Path(hf_dir)
-  tokenizer_files = tuple(directory / name for name in hf_io.TOKENIZER_FILES
-                          if (directory / name).is_file())
-  return hf_io.Imported(model_type, fields, params, tokenizer_files, ()), hf_config
+  return hf_io.Imported(model_type, fields, params, hf_io.tokenizer_files(hf_dir), ()), hf_config
 
 
 def import_to_workdir(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *,

@@ -47,6 +47,12 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return json.load(f)
 
 
+def tokenizer_files(directory: str | os.PathLike) -> tuple[pathlib.Path, ...]:
+  """The TOKENIZER_FILES that `directory` holds."""
+  directory = pathlib.Path(directory)
+  return tuple(directory / name for name in TOKENIZER_FILES if (directory / name).is_file())
+
+
 def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
   """The state dict of `directory`/model.safetensors (no pickles, ever)."""
   directory = pathlib.Path(directory)
@@ -72,8 +78,7 @@ def load_hf_dir(directory: str | os.PathLike, *, generator_dir: str | os.PathLik
   """
   directory = pathlib.Path(directory)
   hf_config = read_config(directory)
-  tokenizer_files = tuple(directory / name for name in TOKENIZER_FILES
-                          if (directory / name).is_file())
+  found = tokenizer_files(directory)
   if hf_config.get('model_type') == 'electra':
     generator = None if generator_dir is None else read_config(generator_dir)
     fields = {**hf_electra.config_from_hf(hf_config, generator), 'scan_layers': scan_layers}
@@ -81,7 +86,7 @@ def load_hf_dir(directory: str | os.PathLike, *, generator_dir: str | os.PathLik
         read_safetensors(directory),
         None if generator_dir is None else read_safetensors(generator_dir),
         electra.ElectraConfig(**fields), seed=seed)
-    return Imported('electra', fields, params, tokenizer_files, fresh)
+    return Imported('electra', fields, params, found, fresh)
   if generator_dir is not None:
     raise ValueError(f'--generator_dir is for ELECTRA; {directory} holds a '
                      f'{hf_config.get("model_type")!r} model')
@@ -89,12 +94,12 @@ def load_hf_dir(directory: str | os.PathLike, *, generator_dir: str | os.PathLik
     fields = {**hf_deberta.config_from_hf(hf_config), 'scan_layers': scan_layers}
     params, fresh = hf_deberta.params_from_hf(read_safetensors(directory),
                                               deberta.DebertaConfig(**fields), seed=seed)
-    return Imported('deberta', fields, params, tokenizer_files, fresh)
+    return Imported('deberta', fields, params, found, fresh)
   fields = {**hf_bert.config_from_hf(hf_config), 'scan_layers': scan_layers}
   params, fresh = hf_bert.params_from_hf(read_safetensors(directory),
                                          bert.BertConfig(**fields), seed=seed)
   return Imported(hf_bert.model_type_of(bert.BertConfig(**fields)), fields, params,
-                  tokenizer_files, fresh)
+                  found, fresh)
 
 
 def save_hf_dir(directory: str | os.PathLike, config: bert.BertConfig | deberta.DebertaConfig,
