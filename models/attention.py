@@ -390,12 +390,17 @@ class AdditiveScore(nn.Module):
   factor, so it materialises `[B, T, S, N, A]` floats: O(T·S·N·A) memory, A times the
   logits' own. Fine for small models and for the block-sparse kernel's blocks; at long
   lengths use a dot-product score.
+
+  `project_keys=False` takes keys already projected, k = U·h (A = H wide; no U here): a
+  recurrent decoder scoring the same keys at every step projects them once per source,
+  as Bahdanau et al. note (appendix A.1.2), instead of once per step.
   """
   features: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1,
                                                           batch_axis=(0,))
+  project_keys: bool = True
 
   @nn.compact
   def __call__(self, q_BTNH: Array, k_BSNH: Array) -> Array:
@@ -408,11 +413,17 @@ class AdditiveScore(nn.Module):
 
     w_shape = (num_heads, head_dim, features)
     w_NHA = param('query_kernel', self.kernel_init, w_shape, ('heads', 'kv', None))
-    u_NHA = param('key_kernel', self.kernel_init, w_shape, ('heads', 'kv', None))
+    if self.project_keys:
+      u_NHA = param('key_kernel', self.kernel_init, w_shape, ('heads', 'kv', None))
+      uk_BSNA = jnp.einsum('bsnh,nha->bsna', k_BSNH, u_NHA, preferred_element_type=jnp.float32)
+    elif k_BSNH.shape[-1] != features:
+      raise ValueError(f'AdditiveScore(project_keys=False) adds the keys to W·q, so they must '
+                       f'be features={features} wide, got {k_BSNH.shape[-1]}')
+    else:
+      uk_BSNA = k_BSNH.astype(jnp.float32)
     v_NA = param('vector', nn.initializers.lecun_normal(in_axis=-1, out_axis=-2),
                  (num_heads, features), ('heads', None))
     wq_BTNA = jnp.einsum('btnh,nha->btna', q_BTNH, w_NHA, preferred_element_type=jnp.float32)
-    uk_BSNA = jnp.einsum('bsnh,nha->bsna', k_BSNH, u_NHA, preferred_element_type=jnp.float32)
     hidden_BTSNA = jnp.tanh(wq_BTNA[:, :, None] + uk_BSNA[:, None])
     return jnp.einsum('btsna,na->bnts', hidden_BTSNA, v_NA.astype(jnp.float32))
 

@@ -25,12 +25,15 @@ stacked RNNs writes the target, in one of three eras picked by `attention`:
 Scores are those of attention.py with one head (N = 1, H = the width): Bahdanau's score
 and Luong's concat are 'additive' (W_a [h; h̄] splits into W h + U h̄), Luong's dot is
 'dot' (unscaled, as in the paper) and general is 'general' (BilinearScore, which starts at
-W_a = I/sqrt(H), the scaled dot, not at U(-r, r)); the additive score keeps its own
-(lecun-normal) init. Masked logits and the softmax are float32; a query of padding sees
+W_a = I/sqrt(H), the scaled dot, not at U(-r, r)); the additive score's W and v keep their
+own (lecun-normal) init, its U is the key projection below. Masked logits and the softmax are float32; a query of padding sees
 no key and gets zero weights (never NaN). A bidirectional encoder's annotations are [h→; h←]
 (2H wide): the scores read them through a learned key projection P (2H -> H, no bias),
 k_s = P h̄_s, while the context sums the annotations themselves; so 'dot' over a
-bidirectional encoder is in effect a rectangular 'general' score.
+bidirectional encoder is in effect a rectangular 'general' score. The additive scores'
+U h̄_s does not depend on the decoder step, so U is that key projection (C -> H, for any
+encoder), applied once per source outside the scan rather than at every step (Bahdanau
+et al., appendix A.1.2); inside, the score adds W s to the projected keys.
 
 Initial decoder states ('none' and 'luong'): a unidirectional encoder's final state is
 copied layer by layer (Sutskever, Luong); a bidirectional one's [→; ←] goes through a
@@ -276,6 +279,15 @@ def segment_finals(final: Any, segment_ids_BT: Array) -> Any:
   return _take_slots(final, jnp.clip(segment_ids_BT - 1, 0, num_slots - 1))
 
 
+def _projected_keys(cfg: RNNSeq2SeqConfig) -> bool:
+  """Whether the score takes keys the decoder projected once per source (the additive)."""
+  return cfg.score == 'additive'
+
+
+def _score_settings(cfg: RNNSeq2SeqConfig) -> dict[str, Any]:
+  return {'project_keys': False} if _projected_keys(cfg) else {}
+
+
 def _attend(score: nn.Module, query_BH: Array, memory: dict[str, Array],
             segment_ids_B: Array) -> tuple[Array, Array]:
   """One query per row over the annotations of its own segment: (context `[B, C]`,
@@ -372,7 +384,8 @@ class DecoderStep(nn.Module):
     score = None
     if cfg.attention != 'none':
       score = attention.build_score(cfg.score, dtype=cfg.compute_dtype,
-                                    param_dtype=cfg.storage_dtype, name='score')
+                                    param_dtype=cfg.storage_dtype, name='score',
+                                    **_score_settings(cfg))
 
     weights_BS = None
     x_BX = y_BE
@@ -495,8 +508,9 @@ class RNNDecoder(nn.Module):
       return {}
     values_BSC = encoded['hidden'].astype(cfg.compute_dtype)
     keys_BSH = values_BSC
-    if cfg.annotation_dim != cfg.hidden_dim:
-      # Scores compare H-wide queries and keys: bidirectional annotations are projected.
+    if cfg.annotation_dim != cfg.hidden_dim or _projected_keys(cfg):
+      # Scores compare H-wide queries and keys: bidirectional annotations are projected;
+      # an additive score's U is this projection, once per source.
       keys_BSH = _dense(cfg, cfg.hidden_dim, 'key_projection', use_bias=False)(values_BSC)
     return dict(keys_BSH=keys_BSH, values_BSC=values_BSC,
                 segment_ids_BS=encoded['segment_ids'].astype(jnp.int32))

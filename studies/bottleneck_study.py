@@ -117,8 +117,10 @@ def test_scores(point: sweep.Point, workdir: str, settings: Settings) -> dict:
 
 def run(settings: Settings, workdir: str,
         variants: tuple[str, ...] = study_config.VARIANTS) -> None:
-  """Trains and scores every unfinished point of `variants` (the page covers them all)."""
-  todo = [p for p in points(settings) if p.name.rsplit('-s', 1)[0] in variants]
+  """Trains and scores every unfinished point of `variants` (the page covers them all),
+  seed by seed: a study stopped part way holds every model at its first seeds."""
+  todo = sorted((p for p in points(settings) if p.name.rsplit('-s', 1)[0] in variants),
+                key=lambda p: int(p.name.rsplit('-s', 1)[1]))
   for i, point in enumerate(todo, 1):
     if sweep.read_result(workdir, point.name) is None:
       print(f'[{i}/{len(todo)}] {point.name}: training', flush=True)

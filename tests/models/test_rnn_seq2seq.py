@@ -327,6 +327,29 @@ def test_bahdanau_queries_the_previous_state_luong_the_current_one(kind):
     assert np.abs(changed[:, 0] - weights[:, 0]).max() > 1e-5  # h_1 = RNN(y_0) does
 
 
+@pytest.mark.parametrize('kind', ['bahdanau-gru-bi', 'bahdanau-lstm-uni-2layers-shared'])
+def test_bahdanau_first_weights_follow_the_equation(kind):
+  # a_1j = softmax_j(vᵀ tanh(W s_0 + U h_j)), s_0 = tanh(W_s h←_1 + b) of the top layer,
+  # with U h_j projected once per source (the decoder's key projection).
+  model, params = _model(kind)
+  cfg = model.config
+  batch = _batch()
+  _, weights, encoded = _forward(kind)(params, batch)
+  decoder = params['decoder']
+  top = cfg.num_layers - 1
+  final_BC = rnn_seq2seq.carry_hidden(cfg, encoded['final'][top])[:, 0]
+  backward_BH = final_BC[:, cfg.hidden_dim:] if cfg.bidirectional else final_BC
+  bridge = decoder[f'bridge_{top}']
+  s0_BH = np.tanh(backward_BH @ bridge['kernel'] + bridge['bias'])
+  keys_BSH = encoded['hidden'] @ decoder['key_projection']['kernel']
+  score = decoder['step']['score']
+  hidden_BSA = np.tanh((s0_BH @ score['query_kernel'][0])[:, None] + keys_BSH)
+  logits_BS = np.where(batch['inputs_segment_ids_BS'] > 0, hidden_BSA @ score['vector'][0],
+                       -np.inf)
+  expected_BS = np.exp(logits_BS - logits_BS.max(-1, keepdims=True))
+  assert_close(weights[:, 0], expected_BS / expected_BS.sum(-1, keepdims=True))
+
+
 def test_segment_boundaries_restart_forward_and_backward_recurrences():
   segments = jnp.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
   positions = jnp.array([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 4, 5, 6]])

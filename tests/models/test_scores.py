@@ -10,6 +10,7 @@ import pytest
 
 from models import attention
 from models import gpt
+from tests.tolerances import assert_close
 
 SCORES = ['scaled_dot', 'dot', 'general', 'additive']
 
@@ -69,6 +70,21 @@ def test_parametric_scores_have_per_head_parameters_and_axes():
   additive = attention.build_score('additive', features=6).init(jax.random.key(0), q, q)
   shapes = jax.tree.map(jnp.shape, nn.unbox(additive['params']))
   assert shapes == {'query_kernel': (2, 4, 6), 'key_kernel': (2, 4, 6), 'vector': (2, 6)}
+
+
+def test_additive_score_on_keys_projected_once_equals_projecting_them_itself():
+  # A recurrent decoder projects the keys U·k once per source and passes them in.
+  q, k = _normal(0, (2, 3, 2, 4)), _normal(1, (2, 5, 2, 4))
+  full = attention.build_score('additive')
+  params = _random_params(full, q, k)
+  uk = jnp.einsum('bsnh,nha->bsna', k, params['key_kernel'])
+  projected = attention.build_score('additive', project_keys=False)
+  held = {name: params[name] for name in ('query_kernel', 'vector')}
+  assert set(nn.unbox(projected.init(jax.random.key(0), q, uk))['params']) == set(held)
+  assert_close(projected.apply({'params': held}, q, uk), full.apply({'params': params}, q, k))
+  with pytest.raises(ValueError, match='features=6 wide, got 4'):
+    attention.build_score('additive', features=6, project_keys=False).init(
+        jax.random.key(0), q, k)
 
 
 def test_cudnn_kernel_refuses_parametric_scores():
