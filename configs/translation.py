@@ -27,7 +27,7 @@ SIZES = {
                  vocab_size=512, batch_size=8, num_steps=20, learning_rate=3e-3,
                  warmup_steps=5, dropout_rate=0.0),
     'small': dict(num_layers=3, num_heads=4, embed_dim=128, mlp_dim=512, seq_len=64,
-                  vocab_size=4000, batch_size=32, num_steps=2000, learning_rate=2e-3,
+                  vocab_size=4000, batch_size=32, num_steps=1000, learning_rate=2e-3,
                   warmup_steps=300, dropout_rate=0.1),
     'base': dict(num_layers=6, num_heads=8, embed_dim=512, mlp_dim=2048, seq_len=128,
                  vocab_size=37000, batch_size=256, num_steps=100_000,

@@ -178,7 +178,7 @@ def table(rows: dict[str, list[dict]]) -> list[str]:
   return lines
 
 
-def plot(rows: dict[str, list[dict]], out: str) -> None:
+def plot(rows: dict[str, list[dict]], out: str, num_steps: int) -> None:
   buckets = bucket_names(rows)
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for variant, seeds in rows.items():
@@ -195,7 +195,7 @@ def plot(rows: dict[str, list[dict]], out: str) -> None:
   ax.set_xticks(range(len(buckets)), [f'{b}' for b in buckets])
   ax.set_xlabel('source sentence length (words)')
   ax.set_ylabel('test BLEU (mean ± std over seeds)')
-  ax.set_title('English → Spanish by source length')
+  ax.set_title(f'English → Spanish by source length, {num_steps} training steps')
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -243,11 +243,14 @@ def write_report(settings: Settings, workdir: str, out: str) -> None:
     raise FileNotFoundError(f'no finished point in {workdir}: run without --report_only first')
   size = study_config.SIZE
   image = os.path.splitext(out)[0] + '.png'
-  plot(rows, image)
+  plot(rows, image, settings.num_steps)
+  command = f'python -m studies.bottleneck_study --workdir={workdir}'
+  if settings.num_steps != Settings.num_steps:
+    command += f' --num_steps={settings.num_steps}'
   examples = next(r['examples'] for s in rows.values() for r in s)
   lines = [
       '# The bottleneck study: fixed-size context vs attention, by sentence length', '',
-      f'Command: `python -m studies.bottleneck_study --workdir={workdir}`', '',
+      f'Command: `{command}`', '',
       ('Question (Bahdanau et al. 2015, fig. 2): does an encoder-decoder whose only bridge is '
        "the encoder's final state translate long sentences worse, and does attention remove "
        'that?'), '',

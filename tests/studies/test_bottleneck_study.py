@@ -59,6 +59,10 @@ def test_report_reads_the_recorded_scores(tmp_path):
   _fake_point(workdir, 'rnn_luong-s0', 6.0, {'1-10': 9.0, '11-20': 5.0})
   bottleneck_study.write_report(bottleneck_study.Settings(seeds=1), workdir, out)
   assert 'Partial' not in open(out).read()
+  # A longer run than the default names its steps in the command and the setup.
+  bottleneck_study.write_report(bottleneck_study.Settings(seeds=1, num_steps=2000), workdir, out)
+  page = open(out).read()
+  assert f'--workdir={workdir} --num_steps=2000`' in page and '2000 steps for every' in page
 
 
 def test_run_trains_only_the_named_variants(tmp_path, monkeypatch):

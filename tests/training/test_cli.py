@@ -97,6 +97,13 @@ def _four_step_overrides(config) -> list[str]:
           '--config.train.eval_every=4', '--config.train.checkpoint_every=4']
 
 
+def _cpu_devices_env(devices: int) -> dict[str, str]:
+  """The environment for a train.py on `devices` simulated CPU devices (the suite's own
+  XLA flags kept: tests/conftest.py)."""
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags.strip())
+
+
 def _sharded_losses(tmp_path, shapes: tuple[str, ...]) -> tuple[dict[str, list], list[str]]:
   """(split, loss) of 4 steps of the tiny GPT on each mesh shape (8 simulated CPU devices;
   '(-1,1,1)': one device), and the runs' train.py flags."""
@@ -106,8 +113,7 @@ def _sharded_losses(tmp_path, shapes: tuple[str, ...]) -> tuple[dict[str, list],
   for shape in shapes:
     devices = 1 if shape.startswith('(-1') else 8
     workdir = tmp_path / f'run{shape}'
-    env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env = _cpu_devices_env(devices)
     subprocess.run([sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny',
                     f'--workdir={workdir}', f'--config.mesh.shape={shape}', *overrides],
                    env=env, check=True, capture_output=True, timeout=600)
@@ -144,8 +150,7 @@ def test_sharded_runs_follow_the_single_device_run(tmp_path):
   resumed = subprocess.run(
       [sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny',
        f'--workdir={tmp_path / "run(2,2,2)"}', '--config.mesh.shape=(1,8,1)', *overrides],
-      env=dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+      env=_cpu_devices_env(8),
       capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'at step 4.' in resumed.stdout
@@ -167,13 +172,11 @@ def test_two_processes_train_through_jax_distributed_and_restore_on_one(tmp_path
   single = tmp_path / 'single'
   subprocess.run([sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny',
                   f'--workdir={single}', *overrides],
-                 env=dict(os.environ, JAX_PLATFORMS='cpu',
-                          XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+                 env=_cpu_devices_env(8),
                  check=True, capture_output=True, timeout=600)
   workdir = tmp_path / 'run'
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = _cpu_devices_env(4)
   procs = [subprocess.Popen(
       [sys.executable, 'train.py', '--config=configs/gpt.py:size=tiny', f'--workdir={workdir}',
        *overrides,
