@@ -27,13 +27,15 @@ and Luong's concat are 'additive' (W_a [h; h̄] splits into W h + U h̄), Luong'
 'dot' (unscaled, as in the paper) and general is 'general' (BilinearScore, which starts at
 W_a = I/sqrt(H), the scaled dot, not at U(-r, r)); the additive score's W and v keep their
 own (lecun-normal) init, its U is the key projection below. Masked logits and the softmax
-are float32; a query of padding sees no key and gets zero weights (never NaN). A
-bidirectional encoder's annotations are [h→; h←] (2H wide): the scores read them through a
-learned key projection P (2H -> H, no bias), k_s = P h̄_s, while the context sums the annotations themselves; so 'dot' over a
-bidirectional encoder is in effect a rectangular 'general' score. The additive scores'
-U h̄_s does not depend on the decoder step, so U is that key projection (C -> H, for any
-encoder), applied once per source outside the scan rather than at every step (Bahdanau
-et al., appendix A.1.2); inside, the score adds W s to the projected keys.
+are float32; a query of padding sees no key and gets zero weights (never NaN).
+
+Keys: a bidirectional encoder's annotations are [h→; h←] (2H wide); the scores read them
+through a learned key projection P (2H -> H, no bias), k_s = P h̄_s, while the context sums
+the annotations themselves, so 'dot' over a bidirectional encoder is in effect a
+rectangular 'general' score. The additive scores' U h̄_s does not depend on the decoder
+step, so U is that key projection (C -> H, for any encoder), applied once per source
+outside the scan rather than at every step (Bahdanau et al., appendix A.1.2); inside, the
+score adds W s to the projected keys.
 
 Initial decoder states ('none' and 'luong'): a unidirectional encoder's final state is
 copied layer by layer (Sutskever, Luong); a bidirectional one's [→; ←] goes through a
