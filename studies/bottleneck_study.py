@@ -61,12 +61,13 @@ def bucket_name(i: int) -> str:
 
 
 def point_names(settings: Settings) -> list[str]:
-  return [f'{v}-s{s}' for v in study_config.VARIANTS for s in study_config.SEEDS[:settings.seeds]]
+  """Seed by seed: a study stopped part way holds every model at its first seeds."""
+  return [f'{v}-s{s}' for s in study_config.SEEDS[:settings.seeds] for v in study_config.VARIANTS]
 
 
 def points(settings: Settings) -> list[sweep.Point]:
-  return [p for p in sweep.points(f'{CONFIG}:num_steps={settings.num_steps}')
-          if p.name in point_names(settings)]
+  by_name = {p.name: p for p in sweep.points(f'{CONFIG}:num_steps={settings.num_steps}')}
+  return [by_name[name] for name in point_names(settings)]
 
 
 def test_scores(point: sweep.Point, workdir: str, settings: Settings) -> dict:
@@ -117,10 +118,8 @@ def test_scores(point: sweep.Point, workdir: str, settings: Settings) -> dict:
 
 def run(settings: Settings, workdir: str,
         variants: tuple[str, ...] = study_config.VARIANTS) -> None:
-  """Trains and scores every unfinished point of `variants` (the page covers them all),
-  seed by seed: a study stopped part way holds every model at its first seeds."""
-  todo = sorted((p for p in points(settings) if p.name.rsplit('-s', 1)[0] in variants),
-                key=lambda p: int(p.name.rsplit('-s', 1)[1]))
+  """Trains and scores every unfinished point of `variants` (the page covers them all)."""
+  todo = [p for p in points(settings) if p.name.rsplit('-s', 1)[0] in variants]
   for i, point in enumerate(todo, 1):
     if sweep.read_result(workdir, point.name) is None:
       print(f'[{i}/{len(todo)}] {point.name}: training', flush=True)
